@@ -1,0 +1,22 @@
+# `make compare`: set up .venv (CPU torch 2.13.0 + hirank) and run the default comparison.
+# `make test`:    set up .venv and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test compare
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0  # the CPU build; any other version pulls GBs of CUDA wheels
+	$(BIN)/pip install -q -e ".[test,bench]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+compare: setup
+	HF_HUB_OFFLINE=1 $(BIN)/hirank compare

@@ -1,0 +1,60 @@
+"""Inspect adapted models: trainable parameters, dense ΔW per layer, effective rank, spectrum."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of parameters with ``requires_grad`` (each shared tensor counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for parameter in model.parameters():
+        if parameter.requires_grad and id(parameter) not in seen:
+            seen.add(id(parameter))
+            total += parameter.numel()
+    return total
+
+
+def delta_weights(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Module name → dense ΔW (out_features × in_features, float32 or wider) of every adapted layer.
+
+    Works for hirank layers and for peft layers that expose ``get_delta_weight`` (LoRA, ...).
+    ``adapter_name`` defaults to each layer's first active adapter.
+    """
+    deltas: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer) or not hasattr(module, "get_delta_weight"):
+            continue
+        adapter = adapter_name or module.active_adapters[0]
+        if adapter not in module._all_available_adapter_names():
+            continue
+        with torch.no_grad():
+            delta = module.get_delta_weight(adapter)
+        delta = delta.T if getattr(module, "fan_in_fan_out", False) else delta
+        deltas[name] = delta.detach().to(torch.promote_types(delta.dtype, torch.float32))
+    return deltas
+
+
+def spectrum(matrix: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``matrix`` in descending order (computed in float64)."""
+    return torch.linalg.svdvals(matrix.detach().to(torch.float64))
+
+
+def effective_rank(matrix: torch.Tensor, tol: Optional[float] = None) -> int:
+    """Numerical rank: the number of singular values above ``tol``.
+
+    The default tolerance is NumPy's ``matrix_rank`` rule, σ_max · max(m, n) · eps, with eps of the
+    matrix's own dtype (float32 ΔW → float32 eps), so rounding noise does not count as rank.
+    """
+    values = spectrum(matrix)
+    if values.numel() == 0:
+        return 0
+    if tol is None:
+        eps = torch.finfo(matrix.dtype if matrix.dtype.is_floating_point else torch.float32).eps
+        tol = float(values[0]) * max(matrix.shape[-2:]) * eps
+    return int((values > tol).sum())

@@ -1,0 +1,263 @@
+"""Shared peft glue for hirank tuners: a method only supplies its math.
+
+A method provides three classes, as peft does for each tuner:
+
+* a config: a dataclass subclassing :class:`HirankConfig` that adds the method's knobs;
+* a layer: a subclass of :class:`HirankLayer` that creates its tensors in ``update_layer`` and
+  implements ``delta_weight`` (dense ΔW, (out, in)) and ``adapter_output`` (the structured
+  forward of the adapter branch);
+* a model: a subclass of :class:`HirankModel` naming the layer class and the unique prefix.
+
+Everything else (wrapping ``nn.Linear`` / transformers ``Conv1D``, clear errors for unknown
+targets or layer types, fp32 merge with a single cast, unmerge, several adapters, enabling and
+disabling) lives here once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
+
+
+@dataclass
+class HirankConfig(PeftConfig):
+    """Fields every hirank method shares with peft's LoRA config (see peft's ``LoraConfig``)."""
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (exact names or dotted suffixes, e.g. ['query', 'value']) or one regex to adapt. "
+            "With a list, every name must match at least one module, else get_peft_model raises."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to leave alone."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules other than the adapters to train and save (e.g. a new classifier head)."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list used with layers_to_transform (e.g. 'layers')."}
+    )
+    init_weights: Union[bool, str] = field(
+        default=True,
+        metadata={
+            "help": "True: the method's paper init, with ΔW = 0 so the model starts unchanged. "
+            "False: a random non-zero ΔW (for tests and experiments)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a regex string.")
+
+
+def layer_dims(base_layer: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of a supported layer; TypeError otherwise."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features, False
+    if isinstance(base_layer, Conv1D):  # GPT-2 style: weight is stored (in, out)
+        in_features, out_features = base_layer.weight.shape
+        return in_features, out_features, True
+    supported = ", ".join(t.__module__ + "." + t.__name__ for t in SUPPORTED_LAYER_TYPES)
+    raise TypeError(f"layer type {type(base_layer).__name__} is not supported; supported types: {supported}.")
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters keep at least float32 master weights (float64 stays float64)."""
+    return torch.promote_types(base_dtype, torch.float32) if base_dtype.is_floating_point else torch.float32
+
+
+class HirankLayer(nn.Module, BaseTunerLayer):
+    """A wrapped ``nn.Linear``/``Conv1D`` plus additive adapters ``y = base(x) + Σ_active branch(x)``.
+
+    Subclasses set ``adapter_layer_names`` (trainable ``ParameterDict``s keyed by adapter name, names
+    starting with the method prefix), ``other_param_names`` (per-adapter settings and frozen
+    buffers) and implement ``update_layer``, ``delta_weight`` and ``adapter_output``.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+    #: False for methods whose adapter depends on the input non-linearly (merge then raises).
+    mergeable: bool = True
+    #: Why the adapter cannot be merged (shown in the error), for non-mergeable methods.
+    not_mergeable_reason: str = ""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: HirankConfig, **kwargs: Any) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        self.in_features, self.out_features, self.fan_in_fan_out = layer_dims(self.get_base_layer())
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, **kwargs)
+
+    # ---- what a method implements -------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: HirankConfig, **kwargs: Any) -> None:
+        """Create the tensors of ``adapter_name`` (then call ``self._finish_update_layer``)."""
+        raise NotImplementedError
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense ΔW of shape (out_features, in_features) in the adapter's dtype (≥ float32)."""
+        raise NotImplementedError
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The adapter branch's contribution to the output, shape (..., out_features), for input x."""
+        raise NotImplementedError
+
+    # ---- shared machinery ---------------------------------------------------------------------
+    def _finish_update_layer(self, adapter_name: str, config: HirankConfig) -> None:
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move the adapter to the base layer's device; keep float32 master weights under a half base."""
+        weight = self.get_base_layer().weight
+        device = device if device is not None else weight.device
+        dtype = adapter_dtype(weight.dtype)
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if not isinstance(container, (nn.ParameterDict, nn.ModuleDict, BufferDict)) or adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if getattr(item, "device", None) == torch.device("meta"):
+                continue
+            is_float = getattr(item, "dtype", torch.float32).is_floating_point
+            container[adapter_name] = item.to(device, dtype=dtype) if is_float else item.to(device)
+
+    def _adapter_names(self) -> set[str]:
+        return set(getattr(self, self.adapter_layer_names[0]).keys())
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense ΔW in the base weight's layout and dtype (peft's convention; Conv1D is transposed)."""
+        delta = self.delta_weight(adapter_name)
+        delta = delta.T if self.fan_in_fan_out else delta
+        return delta.to(self.get_base_layer().weight.dtype)
+
+    def _check_mergeable(self) -> None:
+        if not self.mergeable:
+            raise ValueError(f"{type(self).__name__} cannot be merged: {self.not_mergeable_reason}")
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add ΔW of the given (default: active) adapters to the base weight: fp32 sum, then one cast."""
+        self._check_mergeable()
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        weight = self.get_base_layer().weight
+        accumulate = adapter_dtype(weight.dtype)
+        for name in adapter_names:
+            if name not in self._adapter_names():
+                continue
+            delta = self.delta_weight(name)
+            delta = delta.T if self.fan_in_fan_out else delta
+            merged = weight.data.to(accumulate) + delta.to(accumulate, weight.device)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or infs detected in the merged weights; adapter {name!r} seems broken.")
+            weight.data = merged.to(weight.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's ΔW again (in the same fp32-then-cast way)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.get_base_layer().weight
+        accumulate = adapter_dtype(weight.dtype)
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self._adapter_names():
+                continue
+            delta = self.delta_weight(name)
+            delta = delta.T if self.fan_in_fan_out else delta
+            weight.data = (weight.data.to(accumulate) - delta.to(accumulate, weight.device)).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name in self._adapter_names():
+                result = result + self.adapter_output(x, name).to(result.dtype)
+        return result
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return self.mergeable
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__module__.split('.')[-2]}.{super().__repr__()}"
+
+
+class HirankModel(BaseTuner):
+    """peft tuner for a hirank method: injects ``layer_cls`` into the targeted modules."""
+
+    prefix: str
+    tuner_layer_cls: type[HirankLayer]
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        """peft silently ignores a listed target that matches nothing; hirank raises instead."""
+        targets = config.target_modules
+        if not isinstance(targets, (list, set, tuple)):
+            return
+        names = [name for name, _ in model.named_modules() if name]
+        missing = sorted(t for t in targets if not any(n == t or n.endswith("." + t) for n in names))
+        if missing:
+            leaf_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                 if n and isinstance(m, SUPPORTED_LAYER_TYPES)})
+            raise ValueError(
+                f"target_modules {missing} match no module of {type(model).__name__}. "
+                f"Adaptable (Linear/Conv1D) module names in this model: {leaf_names}."
+            )
+
+    def _create_and_replace(
+        self,
+        config: HirankConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        try:
+            if isinstance(target, self.tuner_layer_cls):
+                target.update_layer(adapter_name, config, module_name=current_key)
+                return
+            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+            if not isinstance(base, SUPPORTED_LAYER_TYPES):
+                raise TypeError(
+                    f"it is a {type(base).__name__}, which {type(self).__name__.removesuffix('Model')} does not "
+                    "support. Target nn.Linear or transformers Conv1D modules instead (e.g. the attention projections)."
+                )
+            new_module = self.tuner_layer_cls(target, adapter_name, config, module_name=current_key)
+        except (TypeError, ValueError) as error:  # say which module, whatever the method objected to
+            raise type(error)(f"Cannot adapt module {current_key!r}: {error}") from error
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
