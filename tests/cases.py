@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import peft
 from peft import PeftConfig
+
+import hirank
+from hirank.ops.quanta import plan_circuit
 
 
 @dataclass(frozen=True)
@@ -38,9 +43,30 @@ def _lora_formula(r: int) -> Callable[[int, int], int]:
     return lambda d_in, d_out: r * (d_in + d_out)
 
 
+def _quanta_formula(**knobs: Any) -> Callable[[int, int], int]:
+    """Square: Σ_{a<b}(n_a n_b)² (spec §1.6). Rectangular: Σ over gates (m_a m_b)(in_a in_b), where an
+    axis has its input size n until the first gate touching it and its output size m after (spec §1.5)."""
+
+    def count(d_in: int, d_out: int) -> int:
+        circuit = plan_circuit(d_in, d_out, **knobs)
+        n, m = circuit.in_factors, circuit.out_factors
+        if n == m:
+            return sum((n[a] * n[b]) ** 2 for a, b in itertools.combinations(range(len(n)), 2))
+        touched: set[int] = set()
+        total = 0
+        for b, a in itertools.combinations(range(len(n) - 1, -1, -1), 2):  # fastest-varying pair first
+            total += m[a] * m[b] * (m[a] if a in touched else n[a]) * (m[b] if b in touched else n[b])
+            touched |= {a, b}
+        return total
+
+    return count
+
+
 CASES: list[MethodCase] = [
     MethodCase(
         "lora", peft.LoraConfig, {"r": 4, "lora_alpha": 8}, _lora_formula(4), strict_targets=False,
         init_arg="init_lora_weights",
     ),
+    MethodCase("quanta", hirank.QuantaConfig, {}, _quanta_formula()),
+    MethodCase("quanta-3axes", hirank.QuantaConfig, {"n_axes": 3}, _quanta_formula(n_axes=3)),
 ]

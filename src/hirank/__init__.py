@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from . import analysis
 from ._peft import HirankPeftType, register_all
+from .tuners.quanta import QuantaConfig
 
 __version__ = "0.1.0"
 
 register_all()
 
-__all__ = ["HirankPeftType", "analysis", "__version__"]
+__all__ = [
+    "HirankPeftType",
+    "QuantaConfig",
+    "analysis",
+    "__version__",
+]

@@ -29,6 +29,7 @@ class HirankPeftType(str, enum.Enum):
 
 # (peft_type, module, config class, tuner class). Adding a method to hirank is one line here.
 _METHODS: tuple[tuple[HirankPeftType, str, str, str], ...] = (
+    (HirankPeftType.QUANTA, "hirank.tuners.quanta", "QuantaConfig", "QuantaModel"),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -20,11 +21,16 @@ def trainable_parameters(model: nn.Module) -> int:
     return total
 
 
-def delta_weights(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """Module name → dense ΔW (out_features × in_features, float32 or wider) of every adapted layer.
+def delta_weights(
+    model: nn.Module, adapter_name: Optional[str] = None, dtype: Optional[torch.dtype] = None
+) -> dict[str, torch.Tensor]:
+    """Module name → dense ΔW (out_features × in_features) of every adapted layer.
 
     Works for hirank layers and for peft layers that expose ``get_delta_weight`` (LoRA, ...).
-    ``adapter_name`` defaults to each layer's first active adapter.
+    ``adapter_name`` defaults to each layer's first active adapter. ``dtype=torch.float64`` recomputes
+    ΔW from the adapter's parameters in float64 (on a copy of the layer): use it for rank analysis,
+    where float32 rounding blurs singular values below σ_max·1e-5. Default: the adapter's own precision
+    (at least float32).
     """
     deltas: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
@@ -33,10 +39,11 @@ def delta_weights(model: nn.Module, adapter_name: Optional[str] = None) -> dict[
         adapter = adapter_name or module.active_adapters[0]
         if adapter not in module._all_available_adapter_names():
             continue
+        layer = copy.deepcopy(module).to(dtype) if dtype is not None else module
         with torch.no_grad():
-            delta = module.get_delta_weight(adapter)
+            delta = layer.get_delta_weight(adapter)
         delta = delta.T if getattr(module, "fan_in_fan_out", False) else delta
-        deltas[name] = delta.detach().to(torch.promote_types(delta.dtype, torch.float32))
+        deltas[name] = delta.detach().to(dtype or torch.promote_types(delta.dtype, torch.float32))
     return deltas
 
 

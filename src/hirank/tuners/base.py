@@ -172,7 +172,7 @@ class HirankLayer(nn.Module, BaseTunerLayer):
                 continue
             delta = self.delta_weight(name)
             delta = delta.T if self.fan_in_fan_out else delta
-            merged = weight.data.to(accumulate) + delta.to(accumulate, weight.device)
+            merged = weight.data.to(accumulate) + delta.to(weight.device, accumulate)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs or infs detected in the merged weights; adapter {name!r} seems broken.")
             weight.data = merged.to(weight.dtype)
@@ -191,7 +191,7 @@ class HirankLayer(nn.Module, BaseTunerLayer):
                 continue
             delta = self.delta_weight(name)
             delta = delta.T if self.fan_in_fan_out else delta
-            weight.data = (weight.data.to(accumulate) - delta.to(accumulate, weight.device)).to(weight.dtype)
+            weight.data = (weight.data.to(accumulate) - delta.to(weight.device, accumulate)).to(weight.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

@@ -1,0 +1,5 @@
+from .config import QuantaConfig
+from .layer import QuantaLayer
+from .model import QuantaModel
+
+__all__ = ["QuantaConfig", "QuantaLayer", "QuantaModel"]

@@ -1,0 +1,56 @@
+"""Configuration of QuanTA adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..._peft import HirankPeftType
+from ..base import HirankConfig
+
+
+@dataclass
+class QuantaConfig(HirankConfig):
+    """QuanTA: quantum-informed tensor adaptation (Chen et al., NeurIPS 2024; spec §1).
+
+    Each adapted weight gets ΔW = M(θ) − M(θ₀): a circuit of small trainable gates, one per pair of axes
+    of the reshaped hidden vector, minus a frozen copy of its random initial value. High (full) rank,
+    Σ_{a<b}(n_a n_b)² parameters per layer, no scaling factor, mergeable.
+
+    Args:
+        n_axes: D, the number of tensor axes (paper: the length of ``per_dim_features``). Used when
+            ``factors`` is not given: each dimension gets its most balanced D-way factorization, or fewer
+            axes (down to 2) where the dimension allows no more. D = 2 is a dense update; efficiency needs D ≥ 3.
+        factors: explicit input factors n₁…n_D (paper: ``per_dim_features``, e.g. [16, 8, 8, 4] for 4096);
+            applied to every targeted layer, so their product must equal each layer's input size.
+        out_factors: explicit output factors m₁…m_D for rectangular layers (product = output size; our
+            extension, spec §1.5). Default: the input factors for square layers, else the most balanced
+            factorization of the output size with the same D.
+        pad: the authors' fallback when a size cannot be factored: zero-pad the input to Πn and crop the
+            output (wastes capacity; spec §1.5).
+        dropout: dropout on the adapter input (paper: ``quanta_dropout``).
+        init_weights: True (paper): random gates θ and a frozen copy θ₀ = θ, so ΔW = 0 at start with
+            non-zero gradients. False: θ₀ drawn independently, so ΔW ≠ 0 (tests, experiments).
+    """
+
+    n_axes: int = field(default=4, metadata={"help": "Number of tensor axes D (auto factorization)."})
+    factors: Optional[list[int]] = field(default=None, metadata={"help": "Input factors n_1..n_D."})
+    out_factors: Optional[list[int]] = field(default=None, metadata={"help": "Output factors m_1..m_D."})
+    pad: bool = field(default=False, metadata={"help": "Zero-pad/crop when a size does not factor."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = HirankPeftType.QUANTA
+        if self.n_axes < 2:
+            raise ValueError(f"n_axes must be ≥ 2 (got {self.n_axes}); n_axes=2 is already a dense update.")
+        for name in ("factors", "out_factors"):
+            value = getattr(self, name)
+            if value is not None and (len(value) < 2 or any(int(f) < 1 for f in value)):
+                raise ValueError(f"{name} must list at least 2 positive integers, got {value}.")
+        if self.out_factors is not None and self.factors is None:
+            raise ValueError("out_factors needs factors too (both define the gate shapes).")
+        if self.factors is not None and self.out_factors is not None and len(self.factors) != len(self.out_factors):
+            raise ValueError(f"factors {self.factors} and out_factors {self.out_factors} need the same length.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")

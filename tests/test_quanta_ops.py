@@ -1,0 +1,156 @@
+"""QuanTA math (hirank.ops.quanta) and its layer, checked against an independent reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+import hirank
+from hirank.analysis import delta_weights, effective_rank, trainable_parameters
+from hirank.ops.quanta import QuantaCircuit, balanced_factorization, gate_pairs, plan_circuit
+
+torch.set_default_dtype(torch.float32)
+
+
+def reference_apply(x: torch.Tensor, circuit: QuantaCircuit, flat: torch.Tensor) -> torch.Tensor:
+    """Gate by gate with movedim + matmul (no einsum): move axes (a, b) last, multiply, move back."""
+    batch = x.shape[0]
+    state = x.reshape(batch, *circuit.in_factors)
+    for (a, b), gate in zip(gate_pairs(len(circuit.in_factors)), circuit.split(flat)):
+        out_a, out_b, in_a, in_b = gate.shape
+        moved = state.movedim((a + 1, b + 1), (-2, -1))
+        rest = moved.shape[:-2]
+        product = moved.reshape(-1, in_a * in_b) @ gate.reshape(out_a * out_b, in_a * in_b).T
+        state = product.reshape(*rest, out_a, out_b).movedim((-2, -1), (a + 1, b + 1))
+    return state.reshape(batch, -1)
+
+
+def random_gates(circuit: QuantaCircuit, seed: int = 0) -> torch.Tensor:
+    return circuit.init_gates(torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_official_gate_order_for_four_axes():
+    # (3,4)→(2,4)→(1,4)→(2,3)→(1,3)→(1,2) in the paper's 1-based axes (spec §1.2)
+    assert gate_pairs(4) == ((2, 3), (1, 3), (0, 3), (1, 2), (0, 2), (0, 1))
+
+
+@pytest.mark.parametrize("in_factors, out_factors", [
+    ((4, 3, 3, 2), (4, 3, 3, 2)),
+    ((4, 4, 2, 2), (4, 4, 4, 3)),  # rectangular 64 → 192
+    ((6, 4, 4), (2, 4, 4)),  # rectangular 96 → 32
+    ((3, 5), (3, 5)),
+])
+def test_sequential_forward_equals_x_times_dense_transpose(in_factors, out_factors):
+    circuit = QuantaCircuit(in_factors, out_factors)
+    gates = random_gates(circuit)
+    x = torch.randn(7, circuit.in_size, dtype=torch.float64)
+    reference = reference_apply(x, circuit, gates)
+    torch.testing.assert_close(circuit.apply(x, gates), reference, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x @ circuit.dense(gates).T, reference, rtol=0, atol=1e-12)
+
+
+def test_padded_circuit_equals_its_dense_matrix():
+    circuit = plan_circuit(61, 61, pad=True)  # 3·3·3·3 = 81 ≥ 61: pad the input, crop the output
+    gates = random_gates(circuit)
+    x = torch.randn(5, 61, dtype=torch.float64)
+    torch.testing.assert_close(circuit.apply(x, gates), x @ circuit.dense(gates).T, rtol=0, atol=1e-12)
+    assert circuit.dense(gates).shape == (61, 61)
+
+
+@pytest.mark.parametrize("factors, expected", [((16, 8, 8, 4), 43_008), ((8, 8, 8, 8), 24_576), ((16, 16, 16), 196_608)])
+def test_parameter_count_is_sum_of_squared_pair_products(factors, expected):
+    circuit = QuantaCircuit(factors, factors)
+    assert circuit.num_parameters() == expected  # spec §1.6 table
+    assert circuit.init_gates().numel() == expected
+
+
+def test_two_axes_is_a_dense_update():
+    circuit = QuantaCircuit((4, 6), (4, 6))
+    gates = random_gates(circuit)
+    assert circuit.num_parameters() == 24 ** 2
+    torch.testing.assert_close(circuit.dense(gates), gates.view(24, 24), rtol=0, atol=0)
+
+
+def test_random_gates_give_full_rank():
+    for factors in [(6, 4, 4, 4), (4, 4, 3, 2)]:
+        circuit = QuantaCircuit(factors, factors)
+        dense = circuit.dense(random_gates(circuit, seed=3))
+        assert effective_rank(dense) == circuit.in_size
+
+
+def test_balanced_factorizations():
+    assert balanced_factorization(4096, 4) == (8, 8, 8, 8)
+    assert balanced_factorization(384, 4) == (6, 4, 4, 4)
+    assert balanced_factorization(61, 2) is None
+    assert plan_circuit(8, 8).in_factors == (2, 2, 2)  # fewer axes where the size allows no more
+    assert plan_circuit(64, 192).out_factors == (4, 4, 4, 3)
+
+
+def test_unfactorable_sizes_raise_with_suggestions():
+    with pytest.raises(ValueError, match="pad=True"):
+        plan_circuit(61, 61)
+    with pytest.raises(ValueError, match=r"valid factorizations of 96: \[\[12, 8\], \[6, 4, 4\], \[4, 4, 3, 2\]\]"):
+        plan_circuit(96, 96, factors=(16, 8))
+
+
+def _linear_model(width: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(width, width))
+
+
+def test_384_wide_layer_has_full_rank_delta_with_fewer_params_than_lora_r8():
+    model = get_peft_model(_linear_model(384), hirank.QuantaConfig(target_modules=["0"], init_weights=False))
+    (delta,) = delta_weights(model, dtype=torch.float64).values()
+    assert effective_rank(delta) == 384  # σ_min/σ_max ≈ 4e-5: float32 rounding would blur the last one
+    assert trainable_parameters(model) == 2496 < 8 * (384 + 384)
+
+
+def test_delta_is_zero_at_init_and_every_gate_gets_gradient():
+    model = get_peft_model(_linear_model(96), hirank.QuantaConfig(target_modules=["0"]))
+    (delta,) = delta_weights(model).values()
+    assert delta.abs().max() == 0
+    layer = model.base_model.model[0]
+    model(torch.randn(8, 96)).pow(2).sum().backward()
+    circuit = layer.quanta_circuit["default"]
+    for gate_grad in circuit.split(layer.quanta_gates["default"].grad):
+        assert gate_grad.abs().max() > 0
+
+
+def test_explicit_factors_for_the_wrong_size_name_the_module():
+    config = hirank.QuantaConfig(target_modules=["0"], factors=[16, 8, 8, 4])
+    with pytest.raises(ValueError, match=r"Cannot adapt module '0'.*multiply to 4096, not 96"):
+        get_peft_model(_linear_model(96), config)
+
+
+def test_theta0_is_saved_so_loading_is_exact(tmp_path):
+    model = get_peft_model(_linear_model(96), hirank.QuantaConfig(target_modules=["0"]))
+    with torch.no_grad():
+        model.base_model.model[0].quanta_gates["default"].add_(0.01)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(saved) == ["base_model.model.0.quanta_gates", "base_model.model.0.quanta_theta0"]
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(_linear_model(96), tmp_path)
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("width", [96, 768], ids=["dense-theta0", "circuit-theta0"])
+def test_frozen_branch_matches_dense_delta_and_follows_theta0_changes(width):
+    from hirank.tuners.quanta import layer as quanta_layer
+
+    model = get_peft_model(_linear_model(width), hirank.QuantaConfig(target_modules=["0"], init_weights=False))
+    layer = model.base_model.model[0]
+    uses_dense = width * width <= quanta_layer.DENSE_THETA0_MAX_RATIO * layer.quanta_circuit["default"].macs_per_token()
+    assert uses_dense == (width == 96)
+    x = torch.randn(4, width)
+    with torch.no_grad():
+        for _ in range(2):  # the second pass sees θ₀ changed in place (as load_state_dict does)
+            expected = layer.get_base_layer()(x) + x @ layer.get_delta_weight("default").T
+            torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
+            layer.quanta_theta0["default"].mul_(0.5)
