@@ -5,10 +5,11 @@ from __future__ import annotations
 import itertools
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import peft
 from peft import PeftConfig
+from torch import nn
 
 import hirank
 from hirank.ops.quanta import plan_circuit
@@ -26,6 +27,9 @@ class MethodCase:
     config_cls: type[PeftConfig]
     kwargs: dict[str, Any]
     formula: Callable[[int, int], int]
+    #: False when the adapter is not a ΔW added to the base weight (e.g. SURM's adapter placement,
+    #: out = y + act(S·y) + bias): invariants 3 and 4 and the ΔW-sum part of 7 do not apply, and the
+    #: method's own tests show that merging raises a clear error.
     mergeable: bool = True
     #: peft's LoRA silently skips a listed target that matches nothing (a known complaint); hirank raises.
     strict_targets: bool = True
@@ -33,6 +37,11 @@ class MethodCase:
     rejects: tuple[str, ...] = ()
     #: name of the config field that selects the identity init (peft's LoRA calls it init_lora_weights).
     init_arg: str = "init_weights"
+    #: For a layer that edits its own output after adding ΔW (LoRATRF's task-aware filter: input-dependent,
+    #: kept live by merging): a function that makes that edit an identity, in place, on the whole peft model.
+    #: Invariants 3 (forward == x·ΔWᵀ) and 7 (two active adapters sum their ΔW) then check the ΔW part alone;
+    #: invariant 4 (merged == unmerged == merge_and_unload) still runs on the full method. None: ΔW is all.
+    neutralize_output_edit: Optional[Callable[[nn.Module], None]] = None
 
     def config(self, target_modules: list[str] | tuple[str, ...], init_weights: bool = True, **overrides: Any) -> PeftConfig:
         kwargs = {**self.kwargs, self.init_arg: init_weights, **overrides}

@@ -6,6 +6,7 @@ every case × model, and ``test_battery_catches_bugs.py`` shows each check fails
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def check_non_identity_init_changes_output(case: MethodCase, tiny: TinyModel) ->
 # 3 ---------------------------------------------------------------------------------------------
 def check_forward_matches_dense_delta(case: MethodCase, tiny: TinyModel) -> None:
     model = make_peft(case, tiny, init_weights=False).to(torch.float64)
+    if case.neutralize_output_edit is not None:
+        case.neutralize_output_edit(model)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, layer in tuner_layers(model):
@@ -167,13 +170,18 @@ def check_several_adapters(case: MethodCase, tiny: TinyModel) -> None:
         assert (second - first).abs().max() > 1e-4, "switching adapters did not change the output"
         with model.disable_adapter():
             _assert_close(tiny.output(model, inputs), base_out, 1e-5, "disabled adapters vs base model")
-        model.base_model.set_adapter(["default", "other"])
-        generator = torch.Generator().manual_seed(2)
-        for name, layer in tuner_layers(model):
-            x = torch.randn(4, layer.in_features, generator=generator)
-            delta = dense_delta(layer, "default") + dense_delta(layer, "other")
-            expected = layer.get_base_layer()(x) + x @ delta.T
-            _assert_close(layer(x), expected, 1e-4, f"{name}: two active adapters vs the sum of their ΔW")
+        if case.mergeable:  # additive methods: two active adapters add their ΔW
+            summed = model
+            if case.neutralize_output_edit is not None:  # on a copy: the rest of this check uses the full method
+                summed = copy.deepcopy(model)
+                case.neutralize_output_edit(summed)
+            summed.base_model.set_adapter(["default", "other"])
+            generator = torch.Generator().manual_seed(2)
+            for name, layer in tuner_layers(summed):
+                x = torch.randn(4, layer.in_features, generator=generator)
+                delta = dense_delta(layer, "default") + dense_delta(layer, "other")
+                expected = layer.get_base_layer()(x) + x @ delta.T
+                _assert_close(layer(x), expected, 1e-4, f"{name}: two active adapters vs the sum of their ΔW")
         model.base_model.set_adapter("default")
         model.delete_adapter("other")
         assert "other" not in model.peft_config

@@ -48,7 +48,6 @@ class TestInvariants:
         invariants.check_only_adapters_train(case, tiny)
 
     def test_7_several_adapters(self, case: MethodCase, tiny: TinyModel) -> None:
-        _skip_unless_mergeable(case)
         invariants.check_several_adapters(case, tiny)
 
     def test_8_parameter_count(self, case: MethodCase, tiny: TinyModel) -> None:
