@@ -71,6 +71,28 @@ def _quanta_formula(**knobs: Any) -> Callable[[int, int], int]:
     return count
 
 
+def _surm_formula(structure: str, placement: str, displacement_rank: int = 1) -> Callable[[int, int], int]:
+    """Spec §3.5 for an m × n weight, N = max(m, n): circulant 2N (a ⊙ b), Toeplitz m+n−1, Kronecker m+n,
+    LDR 2rN. The adapter placement's S is square on the d = m outputs, plus a bias of d (spec §3.4)."""
+
+    def count(d_in: int, d_out: int) -> int:
+        rows, cols = d_out, d_out if placement == "adapter" else d_in
+        size = max(rows, cols)
+        per_structure = {"circulant": 2 * size, "toeplitz": rows + cols - 1, "kronecker": rows + cols,
+                         "ldr": 2 * displacement_rank * size}
+        return per_structure[structure] + (rows if placement == "adapter" else 0)
+
+    return count
+
+
+def _surm_case(structure: str, placement: str, **knobs: Any) -> MethodCase:
+    """SURM with one structure and placement; the adapter placement is not a ΔW, so it is not mergeable."""
+    return MethodCase(
+        f"surm-{structure}-{placement}", hirank.SurmConfig, {"structure": structure, "placement": placement, **knobs},
+        _surm_formula(structure, placement, **knobs), mergeable=placement == "lora",
+    )
+
+
 CASES: list[MethodCase] = [
     MethodCase(
         "lora", peft.LoraConfig, {"r": 4, "lora_alpha": 8}, _lora_formula(4), strict_targets=False,
@@ -78,4 +100,12 @@ CASES: list[MethodCase] = [
     ),
     MethodCase("quanta", hirank.QuantaConfig, {}, _quanta_formula()),
     MethodCase("quanta-3axes", hirank.QuantaConfig, {"n_axes": 3}, _quanta_formula(n_axes=3)),
+    _surm_case("circulant", "lora"),
+    _surm_case("circulant", "adapter"),
+    _surm_case("toeplitz", "lora"),
+    _surm_case("toeplitz", "adapter"),
+    _surm_case("kronecker", "lora"),
+    _surm_case("kronecker", "adapter"),
+    _surm_case("ldr", "lora", displacement_rank=2),
+    _surm_case("ldr", "adapter", displacement_rank=2),
 ]

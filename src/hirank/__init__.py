@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import analysis
 from ._peft import HirankPeftType, register_all
 from .tuners.quanta import QuantaConfig
+from .tuners.surm import SurmConfig
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ register_all()
 __all__ = [
     "HirankPeftType",
     "QuantaConfig",
+    "SurmConfig",
     "analysis",
     "__version__",
 ]

@@ -30,6 +30,7 @@ class HirankPeftType(str, enum.Enum):
 # (peft_type, module, config class, tuner class). Adding a method to hirank is one line here.
 _METHODS: tuple[tuple[HirankPeftType, str, str, str], ...] = (
     (HirankPeftType.QUANTA, "hirank.tuners.quanta", "QuantaConfig", "QuantaModel"),
+    (HirankPeftType.SURM, "hirank.tuners.surm", "SurmConfig", "SurmModel"),
 )
 
 

@@ -1,0 +1,5 @@
+from .config import SurmConfig
+from .layer import SurmLayer
+from .model import SurmModel
+
+__all__ = ["SurmConfig", "SurmLayer", "SurmModel"]

@@ -1,0 +1,200 @@
+"""Math of hirank.ops.structured: fast products equal the dense matrices (float64), the dense matrices
+equal their definitions, W(G, H) has displacement rank r, random structured matrices are full rank."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from hirank.ops import structured
+
+F64 = torch.float64
+# square, rectangular both ways, prime and odd sizes
+SHAPES = [(8, 8), (7, 7), (61, 61), (5, 12), (12, 5), (64, 192), (96, 64)]
+
+
+def _rng(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=_rng(seed), dtype=F64)
+
+
+def _shift(size: int, f: float) -> torch.Tensor:
+    """Z_f: cyclic down-shift with f in the top-right corner (spec §3.2d)."""
+    z = torch.diag(torch.ones(size - 1, dtype=F64), -1)
+    z[0, -1] = f
+    return z
+
+
+# ---- dense matrices vs their definitions (element loops on small sizes) ---------------------------
+def test_circulant_dense_is_the_definition():
+    c = _randn(5)
+    expected = torch.tensor([[c[(i - j) % 5].item() for j in range(5)] for i in range(5)], dtype=F64)
+    assert torch.equal(structured.circulant_dense(c, 5, 5), expected)
+    assert torch.equal(structured.circulant_dense(c, 3, 5), expected[:3])  # truncated (rectangular)
+    assert torch.equal(structured.circulant_dense(c, 5, 2), expected[:, :2])
+
+
+def test_skew_circulant_dense_is_the_definition():
+    h = _randn(5)
+    expected = torch.tensor([[h[i - j].item() if i >= j else -h[5 + i - j].item() for j in range(5)]
+                             for i in range(5)], dtype=F64)
+    skew = structured.skew_circulant_dense(h)
+    assert torch.equal(skew, expected)
+    assert torch.equal(skew[:, 0], h)  # h is the first column
+    z = _shift(5, -1.0)  # skew-circulants are the polynomials in Z_{-1}
+    torch.testing.assert_close(z @ skew, skew @ z, rtol=0, atol=1e-14)
+
+
+def test_toeplitz_dense_is_the_definition():
+    m, n = 4, 6
+    t = _randn(m + n - 1)
+    toep = structured.toeplitz_dense(t, m, n)
+    for i, j in itertools.product(range(m), range(n)):
+        assert toep[i, j] == t[i - j + n - 1]
+    for i, j in itertools.product(range(1, m), range(1, n)):  # constant along diagonals
+        assert toep[i, j] == toep[i - 1, j - 1]
+
+
+def test_ldr_dense_is_a_sum_of_circulant_times_skew_circulant():
+    g, h = _randn(3, 6, seed=1), _randn(3, 6, seed=2)
+    expected = sum(structured.circulant_dense(gi, 6, 6) @ structured.skew_circulant_dense(hi) for gi, hi in zip(g, h))
+    torch.testing.assert_close(structured.ldr_dense(g, h, 6, 6), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(structured.ldr_dense(g, h, 4, 5), expected[:4, :5], rtol=0, atol=1e-12)
+
+
+# ---- fast products == dense (float64, 1e-10) -------------------------------------------------------
+@pytest.mark.parametrize("m, n", SHAPES)
+def test_circulant_matvec_matches_dense(m, n):
+    c, x = _randn(max(m, n), seed=1), _randn(3, 2, n, seed=2)
+    dense = structured.circulant_dense(c, m, n)
+    torch.testing.assert_close(structured.circulant_matvec(c, x, m), x @ dense.T, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 8, 61, 64, 384])
+def test_skew_circulant_matvec_matches_dense(size):
+    """Needs η^N = −1; a root of x^(N+1) + 1 (the reference code's default) fails this."""
+    h, x, y = _randn(size, seed=3), _randn(4, size, seed=4), _randn(4, size, seed=5)
+    dense = structured.skew_circulant_dense(h)
+    product = structured.skew_circulant_matvec(h, x)
+    assert product.dtype == F64
+    torch.testing.assert_close(product, x @ dense.T, rtol=0, atol=1e-10)
+    complex_product = structured.skew_circulant_matvec(h, torch.complex(x, y))  # real matrix, complex vector
+    torch.testing.assert_close(complex_product, torch.complex(x @ dense.T, y @ dense.T), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("m, n", SHAPES)
+def test_toeplitz_matvec_matches_dense(m, n):
+    t, x = _randn(m + n - 1, seed=5), _randn(3, 2, n, seed=6)
+    dense = structured.toeplitz_dense(t, m, n)
+    torch.testing.assert_close(structured.toeplitz_matvec(t, x, m), x @ dense.T, rtol=0, atol=1e-10)
+
+
+def test_toeplitz_matvec_rejects_a_wrong_number_of_diagonals():
+    with pytest.raises(ValueError, match="has 10 diagonals, got 9"):
+        structured.toeplitz_matvec(_randn(9), _randn(2, 6), 5)
+
+
+@pytest.mark.parametrize("b_shape, a_shape", [((4, 3), (5, 2)), ((8, 8), (8, 8)), ((24, 8), (8, 8)),
+                                              ((1, 1), (61, 61))])
+def test_kronecker_matvec_matches_torch_kron(b_shape, a_shape):
+    b, a = _randn(*b_shape, seed=7), _randn(*a_shape, seed=8)
+    x = _randn(3, 2, b_shape[1] * a_shape[1], seed=9)
+    torch.testing.assert_close(structured.kronecker_matvec(b, a, x), x @ torch.kron(b, a).T, rtol=0, atol=1e-10)
+    assert torch.equal(structured.kronecker_dense(b, a), torch.kron(b, a))
+
+
+@pytest.mark.parametrize("m, n", SHAPES)
+@pytest.mark.parametrize("rank", [1, 3])
+def test_ldr_matvec_matches_dense(m, n, rank):
+    size = max(m, n)
+    g, h, x = _randn(rank, size, seed=10), _randn(rank, size, seed=11), _randn(3, 3, n, seed=12)  # odd row count
+    dense = structured.ldr_dense(g, h, m, n)
+    torch.testing.assert_close(structured.ldr_matvec(g, h, x, m), x @ dense.T, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_products_compute_in_float32_and_return_the_activation_dtype(dtype):
+    """Half inputs are multiplied in float32 inside (a half FFT would be far less accurate, or unsupported)."""
+    size = 96
+    c, x = torch.randn(size, generator=_rng(13)), torch.randn(4, size, generator=_rng(14))
+    g, h = torch.randn(2, size, generator=_rng(15)), torch.randn(2, size, generator=_rng(16))
+    t = torch.randn(2 * size - 1, generator=_rng(17))
+    products = {
+        "circulant": lambda v: structured.circulant_matvec(c, v, size),
+        "toeplitz": lambda v: structured.toeplitz_matvec(t, v, size),
+        "ldr": lambda v: structured.ldr_matvec(g, h, v, size),
+    }
+    x_low = x.to(dtype)
+    for name, product in products.items():
+        out = product(x_low)
+        assert out.dtype == dtype, name
+        reference = product(x_low.to(F64))  # same rounded input, float64 arithmetic
+        eps = torch.finfo(dtype).eps  # within the final rounding to `dtype`
+        torch.testing.assert_close(out.to(F64), reference, rtol=eps, atol=eps * reference.abs().max().item(), msg=name)
+
+
+# ---- displacement rank and full rank ----------------------------------------------------------------
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_ldr_has_displacement_rank_r_and_full_rank(rank):
+    size = 32
+    w = structured.ldr_dense(_randn(rank, size, seed=rank), _randn(rank, size, seed=rank + 10), size, size)
+    displacement = _shift(size, 1.0) @ w - w @ _shift(size, -1.0)  # ∇(W) = Z_1 W − W Z_{−1}
+    assert torch.linalg.matrix_rank(displacement).item() == rank
+    assert torch.linalg.matrix_rank(w).item() == size  # unrestricted rank even for r = 1
+
+
+def test_circulant_is_ldr_with_skew_generator_e1():
+    """Spec §3.2d: r = 1 with h = e_1 gives the plain circulant Circ(g)."""
+    g = _randn(1, 9, seed=20)
+    e1 = torch.zeros(1, 9, dtype=F64)
+    e1[0, 0] = 1
+    torch.testing.assert_close(structured.ldr_dense(g, e1, 9, 9), structured.circulant_dense(g[0], 9, 9))
+
+
+@pytest.mark.parametrize("m, n", [(64, 64), (61, 61), (64, 192), (192, 64)])
+def test_random_structured_matrices_are_full_rank(m, n):
+    size, full = max(m, n), min(m, n)
+    matrices = {
+        "circulant": structured.circulant_dense(_randn(size, seed=21) * _randn(size, seed=22), m, n),
+        "toeplitz": structured.toeplitz_dense(_randn(m + n - 1, seed=23), m, n),
+        "ldr r=1": structured.ldr_dense(_randn(1, size, seed=24), _randn(1, size, seed=25), m, n),
+    }
+    for name, matrix in matrices.items():
+        assert torch.linalg.matrix_rank(matrix).item() == full, name
+
+
+@pytest.mark.parametrize("n, m", [(64, 64), (384, 384), (64, 192), (61, 61), (96, 64)])
+def test_random_kronecker_reaches_its_rank_bound(n, m):
+    factor = structured.choose_kronecker_factor(n, m)
+    b, a = _randn(m // factor, factor, seed=26), _randn(factor, n // factor, seed=27)
+    rank = torch.linalg.matrix_rank(structured.kronecker_dense(b, a)).item()
+    assert rank == structured.kronecker_rank_bound(n, m, factor)
+
+
+# ---- planning helpers ---------------------------------------------------------------------------------
+def test_kronecker_factor_choices_and_auto_choice():
+    assert structured.kronecker_factor_choices(64, 192) == [1, 2, 4, 8, 16, 32, 64]
+    assert structured.kronecker_factor_choices(61, 64) == [1]
+    assert structured.choose_kronecker_factor(64, 64) == 8  # B, A both 8×8: full rank 64
+    assert structured.choose_kronecker_factor(64, 192) == 8  # rank bound min(24, 8)·min(8, 8) = 64, full
+    for n, m in [(384, 384), (384, 1536), (96, 64)]:
+        best = max(structured.kronecker_rank_bound(n, m, r) for r in structured.kronecker_factor_choices(n, m))
+        assert structured.kronecker_rank_bound(n, m, structured.choose_kronecker_factor(n, m)) == best
+
+
+def test_fast_fft_length_is_the_smallest_5_smooth_size():
+    def smooth(k: int) -> bool:
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        return k == 1
+
+    for n in range(1, 400):
+        length = structured.fast_fft_length(n)
+        assert length >= n and smooth(length)
+        assert not any(smooth(k) for k in range(n, length)), n

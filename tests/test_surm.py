@@ -1,0 +1,189 @@
+"""SURM through peft: the issue's acceptance, both placements, rectangular layers, clear errors.
+
+The invariant battery (test_battery.py) covers the shared contract; these tests cover what is SURM's own:
+the adapter placement's forward and its refusal to merge, default targets, and the structure choices.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+import hirank
+from hirank.analysis import delta_weights, effective_rank, trainable_parameters
+from hirank.ops import structured
+from tests.tiny_models import TINY_MODELS
+
+STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
+
+
+class Single(nn.Module):
+    """One Linear layer named ``proj``."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _single(d_in: int, d_out: int, **config) -> nn.Module:
+    torch.manual_seed(0)
+    return get_peft_model(Single(d_in, d_out), hirank.SurmConfig(target_modules=["proj"], **config))
+
+
+def _dense_s(layer, adapter: str = "default") -> torch.Tensor:
+    """S of one adapter, rebuilt here from its factors with the ops' dense definitions."""
+    settings = layer.surm_settings[adapter]
+    b, a = layer.surm_B[adapter], layer.surm_A[adapter] if adapter in layer.surm_A else None
+    rows, cols = settings.rows, settings.cols
+    return {
+        "circulant": lambda: structured.circulant_dense(a * b, rows, cols),
+        "toeplitz": lambda: structured.toeplitz_dense(b, rows, cols),
+        "kronecker": lambda: torch.kron(b, a),
+        "ldr": lambda: structured.ldr_dense(b, a, rows, cols),
+    }[settings.structure]()
+
+
+# ---- acceptance ---------------------------------------------------------------------------------
+def test_circulant_on_a_384_wide_layer_has_at_most_2x384_params_and_full_rank_delta():
+    model = _single(384, 384, structure="circulant")
+    assert trainable_parameters(model) == 2 * 384
+    assert not delta_weights(model)["base_model.model.proj"].any()  # ΔW = 0 at the start
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.randn(16, 384, generator=torch.Generator().manual_seed(0))
+    (model(x) - 1).pow(2).mean().backward()
+    optimizer.step()
+    assert effective_rank(delta_weights(model)["base_model.model.proj"]) == 384  # one step: full rank
+
+
+# ---- LoRA placement ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_starts_at_zero_with_a_gradient_on_the_zero_factor(structure):
+    model = _single(64, 96, structure=structure, displacement_rank=2)
+    layer = model.base_model.model.proj
+    assert not layer.get_delta_weight("default").any()
+    model(torch.randn(8, 64)).pow(2).sum().backward()
+    assert layer.surm_B["default"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_rectangular_384_to_1536(structure):
+    """Forward == x·(α·S)ᵀ in float64, parameter count as documented, ΔW of full rank 384."""
+    model = _single(384, 1536, structure=structure, alpha=0.5, init_weights=False).to(torch.float64)
+    layer = model.base_model.model.proj
+    x = torch.randn(2, 3, 384, dtype=torch.float64)
+    expected = layer.get_base_layer()(x) + 0.5 * x @ _dense_s(layer).T
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-10)
+    counts = {"circulant": 2 * 1536, "toeplitz": 384 + 1536 - 1, "kronecker": 384 + 1536, "ldr": 2 * 1536}
+    assert trainable_parameters(model) == counts[structure]
+    assert effective_rank(layer.get_delta_weight("default")) == 384  # Kronecker: r = 24, rank ≤ min(64, 24)·16
+
+
+def test_alpha_scales_the_delta_linearly():
+    one = _single(32, 32, structure="toeplitz", init_weights=False)
+    three = _single(32, 32, structure="toeplitz", init_weights=False, alpha=3.0)
+    torch.testing.assert_close(three.base_model.model.proj.get_delta_weight("default"),
+                               3 * one.base_model.model.proj.get_delta_weight("default"))
+
+
+def test_kronecker_factor_is_chosen_per_layer_or_rejected_with_valid_choices():
+    layer = _single(64, 192, structure="kronecker").base_model.model.proj
+    assert tuple(layer.surm_A["default"].shape) == (8, 8) and tuple(layer.surm_B["default"].shape) == (24, 8)
+    layer = _single(64, 192, structure="kronecker", kronecker_factor=4).base_model.model.proj
+    assert tuple(layer.surm_A["default"].shape) == (4, 16) and tuple(layer.surm_B["default"].shape) == (48, 4)
+    with pytest.raises(ValueError, match=r"'proj'.*kronecker_factor=3.*valid choices: \[1, 2, 4, 8, 16, 32, 64\]"):
+        _single(64, 192, structure="kronecker", kronecker_factor=3)
+
+
+def test_kronecker_on_coprime_dims_warns_that_s_has_rank_one():
+    with pytest.warns(UserWarning, match="'proj'.*rank-1"):
+        model = _single(61, 64, structure="kronecker", init_weights=False)
+    assert effective_rank(model.base_model.model.proj.get_delta_weight("default")) == 1
+
+
+def test_displacement_rank_larger_than_the_matrix_is_rejected():
+    with pytest.raises(ValueError, match=r"'proj'.*displacement_rank 9 exceeds the size 8"):
+        _single(8, 8, structure="ldr", displacement_rank=9)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"structure": "lowrank"}, "structure must be one of"),
+    ({"placement": "prefix"}, "placement must be one of"),
+    ({"adapter_activation": "sigmoid"}, "act\\(0\\) = 0"),
+    ({"displacement_rank": 0}, "displacement_rank must be a positive integer"),
+    ({"kronecker_factor": 0}, "kronecker_factor must be None or a positive integer"),
+    ({"dropout": 1.0}, "dropout must be in"),
+    ({"init_weights": "gaussian"}, "init_weights must be True"),
+])
+def test_config_rejects_bad_knobs(bad, message):
+    with pytest.raises(ValueError, match=message):
+        hirank.SurmConfig(target_modules=["proj"], **bad)
+
+
+# ---- adapter placement -----------------------------------------------------------------------------
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_adapter_placement_is_y_plus_act_of_s_y_plus_bias(structure):
+    model = _single(48, 64, structure=structure, placement="adapter", alpha=0.7, init_weights=False)
+    model = model.to(torch.float64)
+    layer = model.base_model.model.proj
+    nn.init.normal_(layer.surm_bias["default"])
+    assert _dense_s(layer).shape == (64, 64)  # square on the outputs
+    x = torch.randn(5, 48, dtype=torch.float64)
+    y = layer.get_base_layer()(x)
+    expected = y + nn.functional.gelu(0.7 * y @ _dense_s(layer).T) + layer.surm_bias["default"]
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-10)
+
+
+def test_adapter_placement_refuses_to_merge_and_leaves_the_weight_alone():
+    model = _single(32, 32, placement="adapter", init_weights=False)
+    weight = model.base_model.model.proj.get_base_layer().weight.detach().clone()
+    with pytest.raises(ValueError, match="cannot be merged: placement='adapter'.*non-linear"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match="has no ΔW"):
+        model.base_model.model.proj.get_delta_weight("default")
+    assert torch.equal(model.base_model.model.proj.get_base_layer().weight, weight)
+    assert not model.base_model.model.proj.supports_lora_conversion()
+
+
+def test_two_active_adapters_act_in_parallel_on_the_same_output():
+    """Adapter-placed: each sees the layer output y. LoRA-placed ones first change y (they are part of the layer)."""
+    model = _single(16, 16, placement="adapter", adapter_activation="tanh", init_weights=False).to(torch.float64)
+    model.add_adapter("second", hirank.SurmConfig(target_modules=["proj"], placement="adapter", structure="toeplitz",
+                                                  adapter_activation="tanh", init_weights=False))
+    model.add_adapter("lora", hirank.SurmConfig(target_modules=["proj"], structure="ldr", init_weights=False))
+    layer = model.base_model.model.proj
+    x = torch.randn(4, 16, dtype=torch.float64)
+    y = layer.get_base_layer()(x) + x @ _dense_s(layer, "lora").T
+    model.base_model.set_adapter(["default", "second", "lora"])
+    expected = y + sum(torch.tanh(y @ _dense_s(layer, name).T) + layer.surm_bias[name]
+                       for name in ("default", "second"))
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("tiny, block, targets", [
+    ("bert", "bert.encoder.layer.{}", ("attention.output.dense", "output.dense")),
+    ("gpt2", "transformer.h.{}", ("attn.c_proj", "mlp.c_proj")),
+    ("llama", "model.layers.{}", ("self_attn.o_proj", "mlp.down_proj")),
+])
+def test_adapter_placement_defaults_to_two_adapters_per_block(tiny, block, targets):
+    model = get_peft_model(TINY_MODELS[tiny].build(), hirank.SurmConfig(placement="adapter"))
+    adapted = {name for name, module in model.named_modules() if hasattr(module, "surm_settings")}
+    expected = {f"base_model.model.{block.format(i)}.{target}" for i in range(2) for target in targets}
+    assert adapted == expected
+
+
+def test_lora_placement_keeps_the_lora_default_targets():
+    model = get_peft_model(TINY_MODELS["bert"].build(), hirank.SurmConfig())
+    adapted = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "surm_settings")}
+    assert adapted == {"query", "value"}
+
+
+def test_adapter_placement_without_default_targets_asks_for_target_modules():
+    with pytest.raises(ValueError, match="no default target_modules.*Pass target_modules"):
+        get_peft_model(TINY_MODELS["mlp"].build(), hirank.SurmConfig(placement="adapter"))
