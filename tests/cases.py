@@ -93,6 +93,22 @@ def _surm_case(structure: str, placement: str, **knobs: Any) -> MethodCase:
     )
 
 
+def _quantum_peft_formula(rank: int, n_layers: int) -> Callable[[int, int], int]:
+    """Λ (K) plus the angles of U and V. A circuit on n qubits has (2L+1)n − 2L angles (spec §2.3, 0 for n = 0);
+    N = 2^{b₀} + 2^{b₁} + … (b₀ > b₁ > …) is split block by block, each split after the first adding min(K, Rᵢ)
+    coupling angles, Rᵢ = 2^{bᵢ} + 2^{bᵢ₊₁} + … (cosine–sine split, hirank.ops.pauli)."""
+
+    def circuit(n_qubits: int) -> int:
+        return (2 * n_layers + 1) * n_qubits - 2 * n_layers if n_qubits else 0
+
+    def unitary(dim: int) -> int:
+        powers = [b for b in range(dim.bit_length() - 1, -1, -1) if dim >> b & 1]
+        remainders = [sum(1 << b for b in powers[i:]) for i in range(1, len(powers))]
+        return sum(circuit(b) for b in powers) + sum(min(rank, r) for r in remainders)
+
+    return lambda d_in, d_out: rank + unitary(d_in) + unitary(d_out)
+
+
 CASES: list[MethodCase] = [
     MethodCase(
         "lora", peft.LoraConfig, {"r": 4, "lora_alpha": 8}, _lora_formula(4), strict_targets=False,
@@ -108,4 +124,8 @@ CASES: list[MethodCase] = [
     _surm_case("kronecker", "adapter"),
     _surm_case("ldr", "lora", displacement_rank=2),
     _surm_case("ldr", "adapter", displacement_rank=2),
+    MethodCase("quantum_peft", hirank.QuantumPeftConfig, {"rank": 4}, _quantum_peft_formula(4, 1)),
+    MethodCase("quantum_peft-L2-masked", hirank.QuantumPeftConfig,
+               {"rank": 8, "n_layers": 2, "scale": 0.5, "rank_mask": [1, 1, 0, 1, 1, 1, 0, 1]},
+               _quantum_peft_formula(8, 2)),
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import analysis
 from ._peft import HirankPeftType, register_all
 from .tuners.quanta import QuantaConfig
+from .tuners.quantum_peft import QuantumPeftConfig
 from .tuners.surm import SurmConfig
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ register_all()
 __all__ = [
     "HirankPeftType",
     "QuantaConfig",
+    "QuantumPeftConfig",
     "SurmConfig",
     "analysis",
     "__version__",

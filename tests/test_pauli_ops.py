@@ -1,0 +1,266 @@
+"""Quantum-PEFT math (hirank.ops.pauli) and the behaviour of its peft layer beyond the shared battery."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+import hirank
+from hirank.analysis import effective_rank, spectrum, trainable_parameters
+from hirank.ops import pauli
+
+
+def _angles(count: int, *batch: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(*batch, count, generator=generator, dtype=dtype) * 2 - 1) * math.pi
+
+
+# ---- the circuit against a dense reference written from the spec (§2.3) -----------------------------------
+def _dense_reference(angles: torch.Tensor, n_qubits: int, n_layers: int) -> torch.Tensor:
+    """C(θ) as a dense 2ⁿ×2ⁿ product of Kronecker-expanded gates; qubit 0 is the most significant bit."""
+    size = 1 << n_qubits
+    eye2 = torch.eye(2, dtype=angles.dtype)
+
+    def ry(qubit: int, theta: torch.Tensor) -> torch.Tensor:
+        c, s = torch.cos(theta / 2), torch.sin(theta / 2)
+        factors = [eye2] * n_qubits
+        factors[qubit] = torch.stack((torch.stack((c, -s)), torch.stack((s, c))))
+        matrix = torch.ones(1, 1, dtype=angles.dtype)
+        for factor in factors:
+            matrix = torch.kron(matrix, factor)
+        return matrix
+
+    def cz_layer(first: int) -> torch.Tensor:
+        signs = torch.ones(size, dtype=angles.dtype)
+        for row in range(size):
+            bits = [(row >> (n_qubits - 1 - q)) & 1 for q in range(n_qubits)]
+            for q in range(first, n_qubits - 1, 2):
+                if bits[q] and bits[q + 1]:
+                    signs[row] = -signs[row]
+        return torch.diag(signs)
+
+    sequence: list[torch.Tensor | tuple[int, str]] = [(q, "ry") for q in range(n_qubits)]
+    for _ in range(n_layers):
+        sequence += [(q, "ry") for q in range(n_qubits - 1)] + [cz_layer(0)]
+        sequence += [(q, "ry") for q in range(1, n_qubits)] + [cz_layer(1)]
+    circuit, used = torch.eye(size, dtype=angles.dtype), 0
+    for gate in sequence:
+        if isinstance(gate, tuple):
+            gate, used = ry(gate[0], angles[used]), used + 1
+        circuit = gate @ circuit
+    assert used == angles.numel()
+    return circuit
+
+
+@pytest.mark.parametrize("n_qubits, n_layers", [(1, 0), (1, 2), (2, 1), (3, 1), (4, 2), (5, 1)])
+def test_circuit_columns_match_the_dense_circuit(n_qubits: int, n_layers: int) -> None:
+    angles = _angles(pauli.pauli_angle_count(n_qubits, n_layers), dtype=torch.float64)
+    rank = max(1, (1 << n_qubits) // 2)
+    columns = pauli.pauli_circuit_columns(angles, n_qubits, n_layers, rank)
+    expected = _dense_reference(angles, n_qubits, n_layers)[:, :rank]
+    torch.testing.assert_close(columns, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_qubits", [1, 4, 10, 12])
+@pytest.mark.parametrize("n_layers", [0, 1, 3])
+def test_angle_count_is_the_papers_formula(n_qubits: int, n_layers: int) -> None:
+    expected = (2 * n_layers + 1) * n_qubits - 2 * n_layers
+    assert pauli.pauli_angle_count(n_qubits, n_layers) == expected
+    assert sum(kind == "ry" for kind, _ in pauli.circuit_gates(n_qubits, n_layers)) == expected
+    assert pauli.stiefel_angle_count(1 << n_qubits, 1, n_layers) == expected
+
+
+# ---- orthonormality -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dim", [64, 96, 384, 768, 1000])
+@pytest.mark.parametrize("rank", [1, 8, 32])
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_columns_are_orthonormal_in_float32(dim: int, rank: int, n_layers: int) -> None:
+    u = pauli.stiefel_columns(_angles(pauli.stiefel_angle_count(dim, rank, n_layers)), dim, rank, n_layers)
+    assert u.shape == (dim, rank) and u.dtype == torch.float32
+    gram_error = u.double().T @ u.double() - torch.eye(rank, dtype=torch.float64)
+    assert torch.linalg.matrix_norm(gram_error, ord=2) < 1e-6
+
+
+@pytest.mark.parametrize("dim", [3, 5, 61, 96, 100])
+def test_all_columns_of_a_non_power_of_two_size_form_an_orthogonal_matrix(dim: int) -> None:
+    """K = N gives a square Q with QᵀQ = QQᵀ = I: a true orthogonal construction, no pad-then-crop."""
+    q = pauli.stiefel_columns(_angles(pauli.stiefel_angle_count(dim, dim, 1), dtype=torch.float64), dim, dim, 1)
+    eye = torch.eye(dim, dtype=torch.float64)
+    torch.testing.assert_close(q.T @ q, eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(q @ q.T, eye, rtol=0, atol=1e-12)
+
+
+def test_the_coupling_spreads_columns_over_both_blocks() -> None:
+    """For N = 96 = 64 + 32 every column has weight on both blocks (cos², sin² of its coupling angle)."""
+    angles = _angles(pauli.stiefel_angle_count(96, 8, 1), dtype=torch.float64)
+    u = pauli.stiefel_columns(angles, 96, 8, 1)
+    coupling = angles[pauli.pauli_angle_count(6, 1):][:8]
+    torch.testing.assert_close(u[64:].pow(2).sum(0), torch.sin(coupling / 2).pow(2), rtol=0, atol=1e-12)
+
+
+def test_batched_angles_give_the_same_columns_as_one_by_one() -> None:
+    angles = _angles(pauli.stiefel_angle_count(96, 8, 1), 3, dtype=torch.float64)
+    batched = pauli.stiefel_columns(angles, 96, 8, 1)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], pauli.stiefel_columns(angles[i], 96, 8, 1), rtol=0, atol=1e-14)
+
+
+def test_bad_sizes_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match="rank ≤ dim"):
+        pauli.stiefel_angle_count(4, 5, 1)
+    with pytest.raises(ValueError, match="need 16 angles, got 15"):
+        pauli.stiefel_columns(torch.zeros(15), 64, 4, 1)
+
+
+# ---- the memory-lean backward ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dim, rank, batch", [(32, 4, ()), (96, 8, (2,)), (61, 40, ())])
+def test_memory_lean_gradient_equals_autograd(dim: int, rank: int, batch: tuple[int, ...]) -> None:
+    angles = _angles(pauli.stiefel_angle_count(dim, rank, 2), *batch, dtype=torch.float64)
+    upstream = torch.randn(*batch, dim, rank, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for memory_lean in (True, False):
+        leaf = angles.clone().requires_grad_()
+        (pauli.stiefel_columns(leaf, dim, rank, 2, memory_lean=memory_lean) * upstream).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+    assert grads[0].abs().min() > 0, "every angle should get gradient from a generic upstream gradient"
+
+
+def test_memory_lean_gradcheck() -> None:
+    angles = _angles(pauli.pauli_angle_count(4, 1), 2, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: pauli.pauli_circuit_columns(a, 4, 1, 3), (angles,))
+
+
+def _saved_bytes(memory_lean: bool, dim: int = 1024, rank: int = 8, n_layers: int = 1) -> int:
+    saved = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    angles = _angles(pauli.stiefel_angle_count(dim, rank, n_layers)).requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        pauli.stiefel_columns(angles, dim, rank, n_layers, memory_lean=memory_lean)
+    return saved
+
+
+def test_memory_lean_backward_saves_one_state_instead_of_one_per_gate() -> None:
+    state_bytes = 1024 * 8 * 4
+    gates = len(pauli.circuit_gates(10, 1))
+    assert _saved_bytes(memory_lean=True) <= state_bytes + 1024  # the final state and the angles
+    assert _saved_bytes(memory_lean=False) >= gates * state_bytes
+
+
+# ---- the peft layer --------------------------------------------------------------------------------------------
+class _Pair(nn.Module):
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _adapted(d_in: int = 96, d_out: int = 64, dtype: torch.dtype = torch.float32, **knobs) -> nn.Module:
+    torch.manual_seed(0)
+    base = _Pair(d_in, d_out).to(dtype)
+    return get_peft_model(base, hirank.QuantumPeftConfig(target_modules=["proj"], **knobs))
+
+
+def _layer(model: nn.Module) -> nn.Module:
+    return model.base_model.model.proj
+
+
+def test_trainable_count_for_4096_with_one_layer_and_rank_8() -> None:
+    with torch.device("meta"):
+        model = _adapted(4096, 4096, rank=8, n_layers=1)
+    count = trainable_parameters(model)
+    assert count == 2 * (3 * 12 - 2) + 8 == 76
+    assert count < 100
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_trainable_parameters_grow_logarithmically(n_layers: int) -> None:
+    """Doubling d adds the same 2·(2L+1) angles (one qubit more in each of U's and V's circuits)."""
+    counts = []
+    for dim in (128, 256, 512, 1024, 2048, 4096):
+        with torch.device("meta"):
+            counts.append(trainable_parameters(_adapted(dim, dim, rank=8, n_layers=n_layers)))
+    steps = {later - earlier for earlier, later in zip(counts, counts[1:])}
+    assert steps == {2 * (2 * n_layers + 1)}
+
+
+def test_init_keeps_delta_zero_and_every_parameter_learns_after_one_step() -> None:
+    model = _adapted(96, 64, rank=8)
+    layer = _layer(model)
+    assert torch.count_nonzero(layer.get_delta_weight("default")) == 0
+    x, target = torch.randn(16, 96), torch.randn(16, 64)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+
+    def grads() -> dict[str, torch.Tensor]:
+        optimizer.zero_grad()
+        (model(x) - target).pow(2).mean().backward()
+        return {key: p.grad.clone() for key, p in layer.named_parameters() if p.requires_grad}
+
+    first = grads()
+    assert first["qpeft_lambda.default"].abs().min() > 0, "Λ must get gradient at step 0"
+    assert all(g.abs().max() == 0 for k, g in first.items() if "angles" in k), "angles: zero gradient while Λ = 0"
+    optimizer.step()
+    second = grads()
+    for key, grad in second.items():
+        assert grad.abs().min() > 0, f"{key} has entries without gradient after one step"
+
+
+def test_delta_is_rank_k_with_singular_values_s_times_lambda() -> None:
+    model = _adapted(96, 64, torch.float64, rank=8, scale=0.5, init_weights=False)
+    layer = _layer(model)
+    delta = layer.get_delta_weight("default")
+    expected = (0.5 * layer.qpeft_lambda["default"]).abs().sort(descending=True).values
+    torch.testing.assert_close(spectrum(delta)[:8], expected, rtol=0, atol=1e-12)
+    assert effective_rank(delta) == 8
+
+
+def test_rank_mask_removes_directions_and_their_gradient() -> None:
+    mask = [1, 0, 1, 1, 0, 1, 1, 1]
+    model = _adapted(96, 64, rank=8, rank_mask=mask, init_weights=False)
+    layer = _layer(model)
+    assert effective_rank(layer.get_delta_weight("default")) == sum(mask)
+    (model(torch.randn(4, 96)) ** 2).sum().backward()
+    masked = torch.tensor(mask) == 0
+    lam_grad = layer.qpeft_lambda["default"].grad
+    assert torch.all(lam_grad[masked] == 0) and torch.all(lam_grad[~masked] != 0)
+    assert not any("rank_mask" in key for key in model.state_dict()), "the mask comes from the config, not the file"
+
+
+def test_structured_forward_equals_dense_delta_on_a_half_precision_base() -> None:
+    model = _adapted(96, 64, torch.bfloat16, rank=8, init_weights=False)
+    layer = _layer(model)
+    assert layer.qpeft_lambda["default"].dtype == torch.float32
+    x = torch.randn(5, 96).to(torch.bfloat16)
+    expected = x.float() @ layer.delta_weight("default").T
+    torch.testing.assert_close(layer.adapter_output(x, "default"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rank_larger_than_a_layer_raises_naming_the_module() -> None:
+    with pytest.raises(ValueError, match=r"'proj'.*rank K=40 exceeds min\(in_features, out_features\) = 32"):
+        _adapted(96, 32, rank=40)
+
+
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        ({"rank": 0}, "rank"),
+        ({"n_layers": -1}, "n_layers"),
+        ({"rank": 2, "rank_mask": [1, 0, 1]}, "rank_mask must hold rank=2 entries"),
+        ({"rank": 2, "rank_mask": [1, 0.5]}, "each 0 or 1"),
+        ({"init_weights": "gaussian"}, "init_weights"),
+    ],
+)
+def test_bad_config_raises_clear_errors(knobs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        hirank.QuantumPeftConfig(target_modules=["proj"], **knobs)
