@@ -109,6 +109,17 @@ def _quantum_peft_formula(rank: int, n_layers: int) -> Callable[[int, int], int]
     return lambda d_in, d_out: rank + unitary(d_in) + unitary(d_out)
 
 
+def _mtlora_formula(r: int, variant: str) -> Callable[[int, int], int]:
+    """LoRA's r(d_in + d_out) plus T's factors: r² (SHIM, ICFM) or 2r² (CTCM, DTSM) (spec §1.2, §1.7)."""
+    return lambda d_in, d_out: r * (d_in + d_out) + (2 if variant in ("ctcm", "dtsm") else 1) * r * r
+
+
+def _mtlora_case(variant: str, r: int = 4) -> MethodCase:
+    """MTLoRA (matrix-transformation LoRA) with one structure of T, at rank r with α = 2r."""
+    return MethodCase(f"mtlora-{variant}", hirank.MTLoraConfig, {"r": r, "lora_alpha": 2 * r, "variant": variant},
+                      _mtlora_formula(r, variant))
+
+
 CASES: list[MethodCase] = [
     MethodCase(
         "lora", peft.LoraConfig, {"r": 4, "lora_alpha": 8}, _lora_formula(4), strict_targets=False,
@@ -128,4 +139,8 @@ CASES: list[MethodCase] = [
     MethodCase("quantum_peft-L2-masked", hirank.QuantumPeftConfig,
                {"rank": 8, "n_layers": 2, "scale": 0.5, "rank_mask": [1, 1, 0, 1, 1, 1, 0, 1]},
                _quantum_peft_formula(8, 2)),
+    _mtlora_case("shim"),
+    _mtlora_case("icfm"),
+    _mtlora_case("ctcm"),
+    _mtlora_case("dtsm"),
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import analysis
 from ._peft import HirankPeftType, register_all
+from .tuners.mtlora import MTLoraConfig
 from .tuners.quanta import QuantaConfig
 from .tuners.quantum_peft import QuantumPeftConfig
 from .tuners.surm import SurmConfig
@@ -18,6 +19,7 @@ register_all()
 
 __all__ = [
     "HirankPeftType",
+    "MTLoraConfig",
     "QuantaConfig",
     "QuantumPeftConfig",
     "SurmConfig",

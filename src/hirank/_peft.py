@@ -32,6 +32,7 @@ _METHODS: tuple[tuple[HirankPeftType, str, str, str], ...] = (
     (HirankPeftType.QUANTA, "hirank.tuners.quanta", "QuantaConfig", "QuantaModel"),
     (HirankPeftType.SURM, "hirank.tuners.surm", "SurmConfig", "SurmModel"),
     (HirankPeftType.QUANTUM_PEFT, "hirank.tuners.quantum_peft", "QuantumPeftConfig", "QuantumPeftModel"),
+    (HirankPeftType.MTLORA, "hirank.tuners.mtlora", "MTLoraConfig", "MTLoraModel"),
 )
 
 

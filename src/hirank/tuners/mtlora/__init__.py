@@ -1,0 +1,5 @@
+from .config import MTLoraConfig
+from .layer import MTLoraLayer
+from .model import MTLoraModel
+
+__all__ = ["MTLoraConfig", "MTLoraLayer", "MTLoraModel"]
