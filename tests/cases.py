@@ -13,6 +13,7 @@ from torch import nn
 
 import hirank
 from hirank.ops.quanta import plan_circuit
+from hirank.tuners.loratrf import TaskFilter
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,29 @@ def _mtlora_formula(r: int, variant: str) -> Callable[[int, int], int]:
     return lambda d_in, d_out: r * (d_in + d_out) + (2 if variant in ("ctcm", "dtsm") else 1) * r * r
 
 
+def _loratrf_formula(r: int, filter_rank: int, transform: str = "low_rank") -> Callable[[int, int], int]:
+    """LoRA's r(d_in + d_out), plus the filter on the d = d_out outputs: task vector d and T: 2dk (low_rank),
+    d (diagonal) or d² (dense) (spec §2.3)."""
+    transform_size = {"low_rank": lambda d: 2 * d * filter_rank, "diagonal": lambda d: d, "dense": lambda d: d * d}
+    return lambda d_in, d_out: r * (d_in + d_out) + d_out + transform_size[transform](d_out)
+
+
+def _silence_task_filters(model: nn.Module) -> None:
+    """D = 0 makes T = 0, so each LoRATRF task filter passes h through unchanged."""
+    for module in model.modules():
+        if isinstance(module, TaskFilter):
+            nn.init.zeros_(module.D)
+
+
+def _loratrf_case(case_id: str, r: int = 4, filter_rank: int = 3, **knobs: Any) -> MethodCase:
+    """LoRATRF (reconstructed); its task filter is checked apart from the ΔW invariants 3 and 7."""
+    return MethodCase(
+        case_id, hirank.LoraTRFConfig, {"r": r, "lora_alpha": 2 * r, "filter_rank": filter_rank, **knobs},
+        _loratrf_formula(r, filter_rank, knobs.get("filter_transform", "low_rank")),
+        neutralize_output_edit=_silence_task_filters,
+    )
+
+
 def _mtlora_case(variant: str, r: int = 4) -> MethodCase:
     """MTLoRA (matrix-transformation LoRA) with one structure of T, at rank r with α = 2r."""
     return MethodCase(f"mtlora-{variant}", hirank.MTLoraConfig, {"r": r, "lora_alpha": 2 * r, "variant": variant},
@@ -143,4 +167,6 @@ CASES: list[MethodCase] = [
     _mtlora_case("icfm"),
     _mtlora_case("ctcm"),
     _mtlora_case("dtsm"),
+    _loratrf_case("loratrf"),
+    _loratrf_case("loratrf-dot-diagonal", similarity="dot", filter_transform="diagonal"),
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import analysis
 from ._peft import HirankPeftType, register_all
+from .tuners.loratrf import LoraTRFConfig
 from .tuners.mtlora import MTLoraConfig
 from .tuners.quanta import QuantaConfig
 from .tuners.quantum_peft import QuantumPeftConfig
@@ -19,6 +20,7 @@ register_all()
 
 __all__ = [
     "HirankPeftType",
+    "LoraTRFConfig",
     "MTLoraConfig",
     "QuantaConfig",
     "QuantumPeftConfig",

@@ -33,6 +33,7 @@ _METHODS: tuple[tuple[HirankPeftType, str, str, str], ...] = (
     (HirankPeftType.SURM, "hirank.tuners.surm", "SurmConfig", "SurmModel"),
     (HirankPeftType.QUANTUM_PEFT, "hirank.tuners.quantum_peft", "QuantumPeftConfig", "QuantumPeftModel"),
     (HirankPeftType.MTLORA, "hirank.tuners.mtlora", "MTLoraConfig", "MTLoraModel"),
+    (HirankPeftType.LORATRF, "hirank.tuners.loratrf", "LoraTRFConfig", "LoraTRFModel"),
 )
 
 

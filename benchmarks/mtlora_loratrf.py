@@ -1,0 +1,190 @@
+"""MTLoRA and LoRATRF vs peft LoRA at equal rank: step time, parameters, and LoRATRF's inference cost.
+
+1. One d×d layer, 8 × 128 tokens, forward + backward (input gradient included, as inside a network):
+   peft LoRA, MTLoRA per variant (factored x → Ax → TAx → BTAx), MTLoRA with ΔW = s·BTA built every step
+   (the authors' LLaVA/peft path, spec §1.2), LoRATRF (LoRA + task filter of rank k).
+2. The MiniLM-shaped encoder (query, value adapted): training-step time (forward + backward + AdamW).
+3. LoRATRF at inference on that encoder (eval forward): unmerged, merged (LoRA folded, filter live) and
+   after merge_and_unload, against the base model (= merged LoRA) and unmerged peft LoRA.
+
+    .venv/bin/python benchmarks/mtlora_loratrf.py [--threads N] [--rank 8] [--filter-rank 8] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import hirank  # noqa: E402
+from common import DEVICE, adapted, batch, minilm_like, print_table, synchronize  # noqa: E402
+from hirank.tuners.mtlora import MTLoraLayer  # noqa: E402
+
+TARGETS = ["query", "value"]
+VARIANTS = ("shim", "icfm", "ctcm", "dtsm")
+
+
+def best_seconds(steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Best time of each step over ``rounds`` interleaved rounds (load from other processes on a shared
+    machine hits every method alike, and the minimum filters it out)."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(rounds):
+        for name, step in steps.items():
+            synchronize()
+            start = time.perf_counter()
+            step()
+            synchronize()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+@contextmanager
+def materialized_delta():
+    """MTLoRA as the authors' peft code runs it: the dense ΔW = s·B T A built in every forward."""
+    original = MTLoraLayer.adapter_output
+
+    def adapter_output(self, x, adapter_name):
+        delta = self.delta_weight(adapter_name)
+        return self.mtlora_dropout[adapter_name](x.to(delta.dtype)) @ delta.T
+
+    MTLoraLayer.adapter_output = adapter_output
+    try:
+        yield
+    finally:
+        MTLoraLayer.adapter_output = original
+
+
+class Single(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def layer_step(config, d: int, tokens: int, materialize: bool = False) -> Callable[[], None]:
+    torch.manual_seed(0)
+    model = get_peft_model(Single(d), config).to(DEVICE)
+    x = torch.randn(tokens // 128, 128, d, device=DEVICE, requires_grad=True)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        if materialize:
+            with materialized_delta():
+                model(x).square().mean().backward()
+        else:
+            model(x).square().mean().backward()
+
+    return step
+
+
+def configs(targets: list[str], rank: int, filter_rank: int) -> dict[str, object]:
+    return {
+        f"peft lora r={rank}": LoraConfig(target_modules=targets, r=rank, lora_alpha=2 * rank),
+        **{f"mtlora {v} r={rank}": hirank.MTLoraConfig(target_modules=targets, r=rank, lora_alpha=2 * rank, variant=v)
+           for v in VARIANTS},
+        f"loratrf r={rank} k={filter_rank}": hirank.LoraTRFConfig(
+            target_modules=targets, r=rank, lora_alpha=2 * rank, filter_rank=filter_rank),
+    }
+
+
+def layer_table(dims: list[int], tokens: int, rank: int, filter_rank: int, rounds: int) -> None:
+    times = {}
+    for d in dims:
+        steps = {name: layer_step(config, d, tokens) for name, config in configs(["proj"], rank, filter_rank).items()}
+        steps[f"mtlora shim r={rank}, ΔW built per step"] = layer_step(
+            hirank.MTLoraConfig(target_modules=["proj"], r=rank, lora_alpha=2 * rank, variant="shim"), d, tokens,
+            materialize=True)
+        times[d] = best_seconds(steps, rounds)
+    lora = f"peft lora r={rank}"
+    rows = [{"method": name, **{f"d={d} ms (× lora)": f"{1e3 * t[name]:.2f} ({t[name] / t[lora]:.2f}×)"
+                                for d, t in times.items()}} for name in times[dims[0]]]
+    print(f"one d×d layer on {DEVICE}, {tokens} tokens, forward + backward, best of {rounds} interleaved rounds")
+    print_table(rows)
+
+
+def model_table(seq_len: int, rank: int, filter_rank: int, rounds: int) -> None:
+    inputs = batch(seq_len=seq_len)
+    steps, counts = {}, {}
+    for name, config in configs(TARGETS, rank, filter_rank).items():
+        model, counts[name] = adapted(config)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(model=model, optimizer=optimizer) -> None:
+            optimizer.zero_grad()
+            model(**inputs).loss.backward()
+            optimizer.step()
+
+        steps[name] = step
+    times = best_seconds(steps, rounds, warmup=1)
+    lora = f"peft lora r={rank}"
+    rows = [{"method": name, "trainable": counts[name], "train step ms": f"{1e3 * times[name]:.1f}",
+             "× lora": f"{times[name] / times[lora]:.2f}"} for name in steps]
+    print(f"\nMiniLM-shaped encoder (6 × 384, FFN 1536; query, value adapted) on {DEVICE}, batch 8 × {seq_len}, "
+          f"forward + backward + AdamW, best of {rounds} interleaved rounds")
+    print_table(rows)
+
+
+def inference_table(seq_len: int, rank: int, filter_rank: int, rounds: int) -> None:
+    inputs = {"input_ids": batch(seq_len=seq_len)["input_ids"]}
+    trf = hirank.LoraTRFConfig(target_modules=TARGETS, r=rank, lora_alpha=2 * rank, filter_rank=filter_rank,
+                               init_weights=False)
+    models = {
+        "base model (= merged LoRA)": minilm_like(),
+        f"peft lora r={rank}, unmerged": get_peft_model(minilm_like(), LoraConfig(target_modules=TARGETS, r=rank)),
+        "loratrf, unmerged": adapted(trf)[0],
+        "loratrf, merged (filter live)": adapted(trf)[0],
+        "loratrf, merge_and_unload (filter live)": adapted(trf)[0].merge_and_unload(),
+    }
+    models["loratrf, merged (filter live)"].merge_adapter()
+    for model in models.values():
+        model.eval()
+
+    def forward(model: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                model(**inputs)
+
+        return run
+
+    times = best_seconds({name: forward(model) for name, model in models.items()}, rounds)
+    base = times["base model (= merged LoRA)"]
+    rows = [{"model": name, "forward ms": f"{1e3 * t:.2f}", "vs base": f"{100 * (t / base - 1):+.1f}%"}
+            for name, t in times.items()]
+    print(f"\nLoRATRF inference cost (r={rank}, k={filter_rank}, filters on 12 query/value outputs of width 384) "
+          f"on {DEVICE}, batch 8 × {seq_len}, eval forward, best of {rounds} interleaved rounds")
+    print_table(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=1, help="1 gives stable timings on a shared 2-core machine")
+    parser.add_argument("--dims", type=int, nargs="+", default=[768])
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens per step (a multiple of 128)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--filter-rank", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per table")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    layer_table(args.dims, args.tokens, args.rank, args.filter_rank, args.rounds)
+    model_table(args.seq_len, args.rank, args.filter_rank, args.rounds)
+    inference_table(args.seq_len, args.rank, args.filter_rank, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

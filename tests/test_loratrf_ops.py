@@ -1,0 +1,78 @@
+"""Math of the reconstructed LoRATRF task filter (hirank.ops.loratrf, spec §2.3), in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from hirank.ops import loratrf
+
+WIDTH, K = 10, 3
+
+
+def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    return {"h": draw(2, 6, WIDTH), "t": draw(WIDTH), "C": draw(WIDTH, K), "D": draw(K, WIDTH),
+            "T": draw(WIDTH, WIDTH), "diag": draw(WIDTH)}
+
+
+def test_cosine_gate_is_clamped_cosine_similarity():
+    h, t = _tensors()["h"], _tensors()["t"]
+    gate = loratrf.task_gate(h, t, "cosine")
+    expected = F.cosine_similarity(h, t.expand_as(h), dim=-1).clamp(0, 1).unsqueeze(-1)
+    torch.testing.assert_close(gate, expected, rtol=0, atol=1e-14)
+    assert gate.shape == (2, 6, 1) and (gate == 0).any() and (gate > 0).any()  # some tokens filtered out, some kept
+    torch.testing.assert_close(loratrf.task_gate(7.5 * h, 0.1 * t, "cosine"), gate)  # scale invariant
+
+
+def test_dot_gate_is_clamped_inner_product():
+    h, t = _tensors()["h"], _tensors()["t"]
+    gate = loratrf.task_gate(0.05 * h, t, "dot")
+    torch.testing.assert_close(gate, (0.05 * h @ t).clamp(0, 1).unsqueeze(-1), rtol=0, atol=0)
+    assert ((gate > 0) & (gate < 1)).any()
+    assert (loratrf.task_gate(100 * h, t, "dot") == 1).any()  # large hidden states saturate the dot gate
+
+
+@pytest.mark.parametrize("transform", loratrf.TRANSFORMS)
+def test_structured_enhancement_equals_dense_T(transform):
+    """g·h·T with the structure equals the spec's dense formula h ← h + g·h·T."""
+    tensors = _tensors()
+    h, t = tensors["h"], tensors["t"]
+    C, D = {"low_rank": (tensors["C"], tensors["D"]), "dense": (None, tensors["T"]),
+            "diagonal": (None, tensors["diag"])}[transform]
+    T = loratrf.transformation(D, C)
+    assert T.shape == (WIDTH, WIDTH)
+    gate = F.cosine_similarity(h, t.expand_as(h), dim=-1).clamp(0, 1).unsqueeze(-1)
+    expected = (gate * h) @ T
+    torch.testing.assert_close(loratrf.filter_delta(h, t, D, C, "cosine"), expected, rtol=0, atol=1e-12)
+    if transform == "low_rank":
+        assert torch.linalg.matrix_rank(T) == K
+
+
+def test_zero_D_edits_nothing():
+    tensors = _tensors()
+    delta = loratrf.filter_delta(tensors["h"], tensors["t"], torch.zeros(K, WIDTH, dtype=torch.float64), tensors["C"])
+    assert not delta.any()
+
+
+def test_positions_select_first_and_last_tokens():
+    torch.testing.assert_close(loratrf.position_mask(6, 2, 1, torch.device("cpu")).squeeze(-1),
+                               torch.tensor([True, True, False, False, False, True]))
+    torch.testing.assert_close(loratrf.position_mask(3, 2, 2, torch.device("cpu")).squeeze(-1),
+                               torch.tensor([True, True, True]))  # overlapping prefix and suffix
+    tensors = _tensors()
+    h, t, C, D = tensors["h"], tensors["t"], tensors["C"], tensors["D"]
+    full = loratrf.filter_delta(h, t, D, C)
+    edited = loratrf.filter_delta(h, t, D, C, first=2, last=1)
+    torch.testing.assert_close(edited[:, [0, 1, 5]], full[:, [0, 1, 5]], rtol=0, atol=0)
+    assert not edited[:, 2:5].any() and full[:, 2:5].any()
+
+
+def test_unknown_similarity_raises():
+    with pytest.raises(ValueError, match="unknown similarity 'l2'"):
+        loratrf.task_gate(torch.ones(2, 3), torch.ones(3), "l2")
