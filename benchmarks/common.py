@@ -1,13 +1,18 @@
-"""Shared helpers for the benchmark scripts (not tests): a BERT-like model and step/forward timers.
+"""Shared helpers for the benchmark scripts (not tests): a BERT-like model, step/forward timers, a one-Linear
+module and the pieces the single-layer and encoder tables share.
 
-Run a benchmark as ``.venv/bin/python benchmarks/<name>.py``; each prints a small table.
+Run a benchmark as ``.venv/bin/python benchmarks/<name>.py``; each prints a small table. Set
+``HIRANK_BENCH_DEVICE=cuda`` to run the models and batches on a GPU (timers then synchronize).
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
 import time
-from typing import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Callable, Iterator
 
 import torch
 from peft import PeftConfig, get_peft_model
@@ -15,6 +20,27 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from hirank.analysis import trainable_parameters
+
+DEVICE = torch.device(os.environ.get("HIRANK_BENCH_DEVICE", "cpu"))
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def argument_parser(description: str | None, threads: int, threads_help: str | None = None) -> argparse.ArgumentParser:
+    """A parser with the ``--threads`` option every benchmark takes; read it with :func:`parse_args`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--threads", type=int, default=threads, help=threads_help)
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed command line, after setting torch's thread count to ``--threads``."""
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def minilm_like(seed: int = 0) -> nn.Module:
@@ -24,7 +50,18 @@ def minilm_like(seed: int = 0) -> nn.Module:
         vocab_size=1000, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
         max_position_embeddings=512, num_labels=2,
     )
-    return BertForSequenceClassification(config)
+    return BertForSequenceClassification(config).to(DEVICE)
+
+
+class SingleLinear(nn.Module):
+    """One d×d ``nn.Linear`` named ``proj``: the smallest model an adapter can target."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
@@ -33,22 +70,48 @@ def median_seconds(fn: Callable[[], object], repeats: int = 10, warmup: int = 2)
         fn()
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def clock() -> Callable[[], float]:
+    """On CPU with one torch thread, the CPU time of this thread (time slices taken by other processes on a
+    shared machine do not count); otherwise wall time."""
+    return time.thread_time if DEVICE.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
+def best_seconds(steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Best time (by :func:`clock`) of each step over ``rounds`` rounds that run every step once, in turn, so
+    that changes in machine load hit all methods alike and the minimum filters them out."""
+    now = clock()
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(rounds):
+        for name, step in steps.items():
+            synchronize()
+            start = now()
+            step()
+            synchronize()
+            best[name] = min(best[name], now() - start)
+    return best
 
 
 def batch(batch_size: int = 8, seq_len: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return {
-        "input_ids": torch.randint(0, 1000, (batch_size, seq_len), generator=generator),
-        "labels": torch.randint(0, 2, (batch_size,), generator=generator),
+        "input_ids": torch.randint(0, 1000, (batch_size, seq_len), generator=generator).to(DEVICE),
+        "labels": torch.randint(0, 2, (batch_size,), generator=generator).to(DEVICE),
     }
 
 
-def train_step_seconds(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 10) -> float:
-    """Median time of one forward + backward + AdamW step."""
+def train_step(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One forward + backward + AdamW step of ``model`` (put in train mode) on ``inputs``, as a closure."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -57,13 +120,53 @@ def train_step_seconds(model: nn.Module, inputs: dict[str, torch.Tensor], repeat
         model(**inputs).loss.backward()
         optimizer.step()
 
-    return median_seconds(step, repeats)
+    return step
+
+
+def train_step_seconds(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 10) -> float:
+    """Median time of one forward + backward + AdamW step."""
+    return median_seconds(train_step(model, inputs), repeats)
 
 
 def forward_seconds(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 10) -> float:
     model.eval()
     with torch.no_grad():
         return median_seconds(lambda: model(**inputs), repeats)
+
+
+@contextmanager
+def dense_delta_forward(layer_cls: type[nn.Module], dropout_attr: str) -> Iterator[None]:
+    """Swap ``layer_cls.adapter_output`` for a variant that builds the dense ΔW (``delta_weight``, as merging
+    does) in every forward, then applies one ``dropout(x) @ ΔWᵀ`` matmul; ``dropout_attr`` names the layer's
+    per-adapter dropout dict."""
+    original = layer_cls.adapter_output
+
+    def adapter_output(self: nn.Module, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        delta = self.delta_weight(adapter_name)
+        return getattr(self, dropout_attr)[adapter_name](x.to(delta.dtype)) @ delta.T
+
+    layer_cls.adapter_output = adapter_output
+    try:
+        yield
+    finally:
+        layer_cls.adapter_output = original
+
+
+def layer_step(config: PeftConfig, d: int, tokens: int,
+               context: Callable[[], AbstractContextManager[object]] = nullcontext) -> Callable[[], None]:
+    """Forward + backward through one adapted d×d layer on ``tokens // 128`` sequences of 128 (gradients for x
+    and the adapter), with forward and backward run inside ``context()``."""
+    torch.manual_seed(0)
+    model = get_peft_model(SingleLinear(d), config).to(DEVICE)
+    x = torch.randn(tokens // 128, 128, d, device=DEVICE, requires_grad=True)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        with context():
+            model(x).square().mean().backward()
+
+    return step
 
 
 def adapted(config: PeftConfig, seed: int = 0) -> tuple[nn.Module, int]:

@@ -12,10 +12,8 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Callable
 
@@ -25,70 +23,19 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import hirank  # noqa: E402
-from common import DEVICE, adapted, batch, minilm_like, print_table, synchronize  # noqa: E402
+from common import (  # noqa: E402
+    DEVICE, adapted, argument_parser, batch, best_seconds, dense_delta_forward, layer_step, minilm_like, parse_args,
+    print_table, train_step,
+)
 from hirank.tuners.mtlora import MTLoraLayer  # noqa: E402
 
 TARGETS = ["query", "value"]
 VARIANTS = ("shim", "icfm", "ctcm", "dtsm")
 
 
-def best_seconds(steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Best time of each step over ``rounds`` interleaved rounds (load from other processes on a shared
-    machine hits every method alike, and the minimum filters it out)."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    best = dict.fromkeys(steps, float("inf"))
-    for _ in range(rounds):
-        for name, step in steps.items():
-            synchronize()
-            start = time.perf_counter()
-            step()
-            synchronize()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
-@contextmanager
-def materialized_delta():
+def materialized_delta() -> AbstractContextManager[None]:
     """MTLoRA as the authors' peft code runs it: the dense ΔW = s·B T A built in every forward."""
-    original = MTLoraLayer.adapter_output
-
-    def adapter_output(self, x, adapter_name):
-        delta = self.delta_weight(adapter_name)
-        return self.mtlora_dropout[adapter_name](x.to(delta.dtype)) @ delta.T
-
-    MTLoraLayer.adapter_output = adapter_output
-    try:
-        yield
-    finally:
-        MTLoraLayer.adapter_output = original
-
-
-class Single(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
-def layer_step(config, d: int, tokens: int, materialize: bool = False) -> Callable[[], None]:
-    torch.manual_seed(0)
-    model = get_peft_model(Single(d), config).to(DEVICE)
-    x = torch.randn(tokens // 128, 128, d, device=DEVICE, requires_grad=True)
-
-    def step() -> None:
-        model.zero_grad(set_to_none=True)
-        x.grad = None
-        if materialize:
-            with materialized_delta():
-                model(x).square().mean().backward()
-        else:
-            model(x).square().mean().backward()
-
-    return step
+    return dense_delta_forward(MTLoraLayer, "mtlora_dropout")
 
 
 def configs(targets: list[str], rank: int, filter_rank: int) -> dict[str, object]:
@@ -107,7 +54,7 @@ def layer_table(dims: list[int], tokens: int, rank: int, filter_rank: int, round
         steps = {name: layer_step(config, d, tokens) for name, config in configs(["proj"], rank, filter_rank).items()}
         steps[f"mtlora shim r={rank}, ΔW built per step"] = layer_step(
             hirank.MTLoraConfig(target_modules=["proj"], r=rank, lora_alpha=2 * rank, variant="shim"), d, tokens,
-            materialize=True)
+            materialized_delta)
         times[d] = best_seconds(steps, rounds)
     lora = f"peft lora r={rank}"
     rows = [{"method": name, **{f"d={d} ms (× lora)": f"{1e3 * t[name]:.2f} ({t[name] / t[lora]:.2f}×)"
@@ -121,15 +68,7 @@ def model_table(seq_len: int, rank: int, filter_rank: int, rounds: int) -> None:
     steps, counts = {}, {}
     for name, config in configs(TARGETS, rank, filter_rank).items():
         model, counts[name] = adapted(config)
-        model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def step(model=model, optimizer=optimizer) -> None:
-            optimizer.zero_grad()
-            model(**inputs).loss.backward()
-            optimizer.step()
-
-        steps[name] = step
+        steps[name] = train_step(model, inputs)
     times = best_seconds(steps, rounds, warmup=1)
     lora = f"peft lora r={rank}"
     rows = [{"method": name, "trainable": counts[name], "train step ms": f"{1e3 * times[name]:.1f}",
@@ -171,16 +110,14 @@ def inference_table(seq_len: int, rank: int, filter_rank: int, rounds: int) -> N
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--threads", type=int, default=1, help="1 gives stable timings on a shared 2-core machine")
+    parser = argument_parser(__doc__, threads=1, threads_help="1 gives stable timings on a shared 2-core machine")
     parser.add_argument("--dims", type=int, nargs="+", default=[768])
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per step (a multiple of 128)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--filter-rank", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per table")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(parser)
     layer_table(args.dims, args.tokens, args.rank, args.filter_rank, args.rounds)
     model_table(args.seq_len, args.rank, args.filter_rank, args.rounds)
     inference_table(args.seq_len, args.rank, args.filter_rank, args.rounds)

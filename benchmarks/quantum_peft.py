@@ -11,17 +11,18 @@ generation alone (forward + backward), memory-lean vs plain autograd: time and b
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import hirank  # noqa: E402
-from common import adapted, batch, forward_seconds, median_seconds, print_table, train_step_seconds  # noqa: E402
+from common import (  # noqa: E402
+    SingleLinear, adapted, argument_parser, batch, forward_seconds, median_seconds, parse_args, print_table,
+    train_step_seconds,
+)
 from hirank.analysis import trainable_parameters  # noqa: E402
 from hirank.ops import pauli  # noqa: E402
 
@@ -49,15 +50,6 @@ def encoder_rows(rank: int, seq_len: int) -> list[dict[str, object]]:
     return rows
 
 
-class _Single(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
 def single_layer_rows(rank: int, dims: tuple[int, ...], tokens: int = 256) -> list[dict[str, object]]:
     rows = []
     for dim in dims:
@@ -66,7 +58,7 @@ def single_layer_rows(rank: int, dims: tuple[int, ...], tokens: int = 256) -> li
                              (f"quantum_peft K={rank} L=1",
                               hirank.QuantumPeftConfig(target_modules=["proj"], rank=rank, init_weights=False))):
             torch.manual_seed(0)
-            model = get_peft_model(_Single(dim), config)
+            model = get_peft_model(SingleLinear(dim), config)
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
             def step() -> None:
@@ -109,7 +101,7 @@ def parameter_rows(rank: int, dims: tuple[int, ...]) -> list[dict[str, object]]:
     rows = []
     for dim in dims:
         with torch.device("meta"):
-            counts = {name: trainable_parameters(get_peft_model(_Single(dim), config)) for name, config in (
+            counts = {name: trainable_parameters(get_peft_model(SingleLinear(dim), config)) for name, config in (
                 ("lora", LoraConfig(target_modules=["proj"], r=rank)),
                 ("quantum_peft L=1", hirank.QuantumPeftConfig(target_modules=["proj"], rank=rank, n_layers=1)),
                 ("quantum_peft L=2", hirank.QuantumPeftConfig(target_modules=["proj"], rank=rank, n_layers=2)),
@@ -119,12 +111,10 @@ def parameter_rows(rank: int, dims: tuple[int, ...]) -> list[dict[str, object]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = argument_parser(__doc__, threads=2)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(parser)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU\n")
     print("(1) MiniLM-shaped encoder, batch 8 × seq", args.seq_len, "- query, value adapted")
     print_table(encoder_rows(args.rank, args.seq_len))

@@ -19,7 +19,7 @@ from torch import nn
 
 from hirank.analysis import trainable_parameters
 from tests.cases import MethodCase
-from tests.tiny_models import TinyModel
+from tests.tiny_models import DEVICE, TinyModel
 
 
 def make_peft(case: MethodCase, tiny: TinyModel, init_weights: bool = True, dtype: torch.dtype | None = None,
@@ -81,7 +81,7 @@ def check_forward_matches_dense_delta(case: MethodCase, tiny: TinyModel) -> None
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, layer in tuner_layers(model):
-            x = torch.randn(2, 3, layer.in_features, generator=generator, dtype=torch.float64)
+            x = torch.randn(2, 3, layer.in_features, generator=generator, dtype=torch.float64).to(DEVICE)
             expected = layer.get_base_layer()(x) + x @ dense_delta(layer).T
             _assert_close(layer(x), expected, 1e-10, f"{name}: structured forward vs x @ ΔWᵀ")
 
@@ -178,7 +178,7 @@ def check_several_adapters(case: MethodCase, tiny: TinyModel) -> None:
             summed.base_model.set_adapter(["default", "other"])
             generator = torch.Generator().manual_seed(2)
             for name, layer in tuner_layers(summed):
-                x = torch.randn(4, layer.in_features, generator=generator)
+                x = torch.randn(4, layer.in_features, generator=generator).to(DEVICE)
                 delta = dense_delta(layer, "default") + dense_delta(layer, "other")
                 expected = layer.get_base_layer()(x) + x @ delta.T
                 _assert_close(layer(x), expected, 1e-4, f"{name}: two active adapters vs the sum of their ΔW")

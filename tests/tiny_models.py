@@ -6,6 +6,7 @@ non-square weights; ``awkward_mlp`` has a prime width (61) that a method must su
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,6 +16,8 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 from transformers import LlamaForCausalLM
 
 VOCAB = 97
+#: where the battery runs: HIRANK_TEST_DEVICE=cuda runs it on a GPU (CI runs it on the CPU)
+DEVICE = torch.device(os.environ.get("HIRANK_TEST_DEVICE", "cpu"))
 
 
 class MLP(nn.Module):
@@ -45,8 +48,8 @@ class TinyModel:
         generator = torch.Generator().manual_seed(seed)
         if self.name in ("mlp", "awkward_mlp"):
             width = 61 if self.name == "awkward_mlp" else 64
-            return {"x": torch.randn(3, 5, width, generator=generator).to(dtype)}
-        return {"input_ids": torch.randint(0, VOCAB, (2, 7), generator=generator)}
+            return {"x": torch.randn(3, 5, width, generator=generator).to(DEVICE, dtype)}
+        return {"input_ids": torch.randint(0, VOCAB, (2, 7), generator=generator).to(DEVICE)}
 
     def output(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model(**inputs)
@@ -56,7 +59,7 @@ class TinyModel:
         """A task loss whose minimum is far from the start (so a few steps must lower it)."""
         logits = self.output(model, inputs)
         if self.name == "bert":
-            return nn.functional.cross_entropy(logits, torch.tensor([0, 1]))
+            return nn.functional.cross_entropy(logits, torch.tensor([0, 1], device=logits.device))
         if self.name in ("gpt2", "llama"):
             labels = inputs["input_ids"][:, 1:]
             return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1))
@@ -66,7 +69,7 @@ class TinyModel:
 def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         torch.manual_seed(0)
-        return build().eval()
+        return build().eval().to(DEVICE)
 
     return make
 
