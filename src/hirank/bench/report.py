@@ -1,0 +1,207 @@
+"""Turn a results file into ``report.md`` (one row per method and configuration, mean ± std over seeds, the best
+value of each column in bold) and two PNG plots: test accuracy vs trainable parameters, and step time per method.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .methods import METHODS
+from .results import RESULTS_FILE, Record, ResultsFileError, load_records, write_atomically
+
+ACCURACY_PLOT = "accuracy_vs_params.png"
+STEP_TIME_PLOT = "step_time.png"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its header, how to read a record, how to print a value, and which value is best."""
+
+    header: str
+    value: Callable[[Record], float | None]
+    fmt: str
+    best: str | None = None  # "max", "min" or None (not ranked)
+    spread: bool = True  # show ± std over seeds
+
+
+def _key(name: str, scale: float = 1.0) -> Callable[[Record], float | None]:
+    return lambda record: None if record.get(name) is None else record[name] * scale
+
+
+ADAPTER_PARAMS = Column("adapter params", _key("trainable_params"), "{:,.0f}", spread=False)
+TEST_ACCURACY = Column("test acc (%)", _key("test_accuracy", 100), "{:.1f}", "max")
+STEP_TIME = Column("step (ms)", _key("step_time_s", 1000), "{:.0f}", "min")
+COLUMNS = (
+    ADAPTER_PARAMS,
+    Column("head params", _key("head_params"), "{:,.0f}", spread=False),
+    TEST_ACCURACY,
+    Column("forgetting", _key("forgetting"), "{:+.4f}", "min"),
+    Column("eff. rank ΔW", _key("effective_rank_mean"), "{:.1f}", "max"),
+    Column("train time (s)", _key("train_time_s"), "{:.1f}", "min"),
+    STEP_TIME,
+    Column("peak mem (MiB)", _key("peak_memory_mib"), "{:.0f}", "min"),
+    Column("adapter file (KiB)", _key("adapter_file_bytes", 1 / 1024), "{:.0f}", "min", spread=False),
+    Column("fwd unmerged (ms)", _key("forward_unmerged_s", 1000), "{:.1f}", "min"),
+    Column("fwd merged (ms)", _key("forward_merged_s", 1000), "{:.1f}", "min"),
+    Column("fwd base (ms)", _key("forward_base_s", 1000), "{:.1f}"),
+)
+
+
+@dataclass
+class Row:
+    """The runs of one method with one configuration (all seeds)."""
+
+    method: str
+    knobs: str
+    records: list[Record]
+
+    def values(self, column: Column) -> list[float]:
+        return [v for v in (column.value(record) for record in self.records) if v is not None]
+
+    def mean(self, column: Column) -> float | None:
+        values = self.values(column)
+        return statistics.fmean(values) if values else None
+
+    def std(self, column: Column) -> float:
+        values = self.values(column)
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def group_rows(records: list[Record]) -> list[Row]:
+    """One row per (method, configuration), in the method table's order."""
+    groups: dict[tuple[str, str], list[Record]] = {}
+    for record in records:
+        groups.setdefault((record["method"], record["config_hash"]), []).append(record)
+    order = list(METHODS)
+    rows = [
+        Row(method, ", ".join(f"{k}={v}" for k, v in runs[0]["knobs"].items()), sorted(runs, key=lambda r: r["seed"]))
+        for (method, _), runs in groups.items()
+    ]
+    return sorted(rows, key=lambda row: (order.index(row.method) if row.method in order else len(order), row.knobs))
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """The comparison table (mean ± std over seeds; best of each ranked column in bold)."""
+    best: dict[str, float | None] = {}
+    for column in COLUMNS:
+        means = [m for m in (row.mean(column) for row in rows) if m is not None]
+        best[column.header] = (max if column.best == "max" else min)(means) if column.best and means else None
+    lines = [
+        "| method | knobs | seeds | " + " | ".join(column.header for column in COLUMNS) + " |",
+        "|---|---|---:|" + "---:|" * len(COLUMNS),
+    ]
+    for row in rows:
+        cells = []
+        for column in COLUMNS:
+            mean = row.mean(column)
+            if mean is None:
+                cells.append("—")
+                continue
+            text = column.fmt.format(mean)
+            if column.spread and len(row.values(column)) > 1:
+                text += " ± " + column.fmt.format(row.std(column)).lstrip("+")
+            is_best = best[column.header] is not None and column.fmt.format(mean) == column.fmt.format(
+                best[column.header]
+            )
+            cells.append(f"**{text}**" if is_best and len(rows) > 1 else text)
+        lines.append(f"| {row.method} | {row.knobs} | {len(row.records)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot_accuracy(rows: list[Row], path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    markers = "osD^vP*Xh<>"
+    counts = []
+    for index, row in enumerate(rows):
+        x, y = row.mean(ADAPTER_PARAMS), row.mean(TEST_ACCURACY)
+        if x is None or y is None:
+            continue
+        counts.append(x)
+        label = row.method if len({r.method for r in rows}) == len(rows) else f"{row.method} ({row.knobs})"
+        axes.errorbar(
+            x, y, yerr=row.std(TEST_ACCURACY), fmt=markers[index % len(markers)], markersize=8, capsize=4, label=label
+        )
+    if counts and max(counts) > 10 * min(counts):
+        axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    axes.set_xlabel("trainable adapter parameters")
+    axes.set_ylabel("test accuracy (%), mean ± std over seeds")
+    axes.set_title("Accuracy vs trainable parameters")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _plot_step_time(rows: list[Row], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    labels = [
+        row.method if len({r.method for r in rows}) == len(rows) else f"{row.method}\n{row.knobs}" for row in rows
+    ]
+    figure, axes = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 2), 4.0))
+    axes.bar(labels, [row.mean(STEP_TIME) or 0.0 for row in rows], yerr=[row.std(STEP_TIME) for row in rows], capsize=4)
+    axes.set_ylabel("median optimizer step time (ms)")
+    axes.set_title("Training step time per method")
+    axes.grid(True, axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+_NOTES = """\
+- **adapter params**: trainable parameters of the adapters, the matched budget (the target is {target:,}); \
+**head params**: the new classification head, trained and saved with every method (`modules_to_save`), not \
+counted in the budget.
+- **test acc**: accuracy on the held-out test split, after restoring the epoch with the best validation accuracy.
+- **forgetting**: the base model's loss on held-out general text (BoolQ questions and Wikipedia passages) with \
+the adapters enabled minus disabled; encoders: in-batch contrastive sentence-embedding loss, causal LMs: \
+next-token loss. Lower is better; 0 means nothing forgotten.
+- **eff. rank ΔW**: numerical rank of each adapted layer's dense update, mean over layers.
+- **train time**: wall time of the training epochs; **step**: median optimizer step; **peak mem**: {memory}.
+- **fwd**: median forward time of one 16-example test batch with the adapters unmerged, merged into the \
+weights (— if the method cannot merge), and of the base model.
+"""
+
+
+def build_report(folder: Path) -> str:
+    """Write ``report.md`` and the plots for the results in ``folder``; returns the markdown table."""
+    folder = Path(folder)
+    records = load_records(folder / RESULTS_FILE)
+    if not records:
+        raise ResultsFileError(f"no finished runs in {folder / RESULTS_FILE}.")
+    rows = group_rows(records)
+    table = markdown_table(rows)
+    _plot_accuracy(rows, folder / ACCURACY_PLOT)
+    _plot_step_time(rows, folder / STEP_TIME_PLOT)
+    first = records[0]
+    memory = (
+        "peak resident memory of the process (CPU)"
+        if first.get("memory_kind") == "cpu_peak_rss"
+        else "peak CUDA memory allocated"
+    )
+    text = "\n".join(
+        [
+            f"# hirank compare: {first['model']} on {first['task']}, budget {first['budget']}",
+            "",
+            f"{len(records)} runs; {first.get('train_examples', '?')} training and {first.get('test_examples', '?')} "
+            f"test examples; {first.get('world_size', 1)} process(es) on {first.get('device', '?')}.",
+            "",
+            table,
+            "",
+            _NOTES.format(target=first["target_params"], memory=memory),
+            f"![test accuracy vs trainable parameters]({ACCURACY_PLOT})",
+            "",
+            f"![step time per method]({STEP_TIME_PLOT})",
+            "",
+        ]
+    )
+    write_atomically(folder / "report.md", text)
+    return table

@@ -1,0 +1,148 @@
+"""The training loop, on ``accelerate``: the same code runs on one CPU, one GPU, or several processes launched
+with ``accelerate launch`` / ``torchrun`` (DDP; the batch size is per process).
+
+AdamW, linear decay after a linear warm-up, gradient clipping; validation accuracy after every epoch; the
+epoch with the best validation accuracy is restored and evaluated once on the test set.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from .measure import PeakMemory
+from .tasks import Collator, Example, Splits, Task
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization settings of one run (``batch_size`` is per process)."""
+
+    learning_rate: float
+    epochs: int = 3
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    max_length: int = 128
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ValueError(f"epochs and batch_size must be ≥ 1 and the learning rate > 0, got {self}.")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What one training run measured (``train_time_s``: wall time of the training epochs, validation excluded;
+    ``step_time_s``: median time of one optimizer step)."""
+
+    validation_accuracy: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    test_accuracy: float = float("nan")
+    train_time_s: float = 0.0
+    step_time_s: float = 0.0
+    steps: int = 0
+    final_train_loss: float = float("nan")
+    peak_memory_mib: float = 0.0
+    memory_kind: str = ""
+
+
+def evaluate(accelerator: Accelerator, model: nn.Module, task: Task, loader: DataLoader) -> float:
+    """Accuracy over the whole split (gathered across processes, padding duplicates dropped)."""
+    model.eval()
+    outcomes = []
+    with torch.no_grad():
+        for batch in loader:
+            outcomes.append(accelerator.gather_for_metrics(task.correct(model, batch)))
+    return torch.cat(outcomes).float().mean().item()
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in state:
+                parameter.copy_(state[name])
+
+
+def train_and_evaluate(
+    accelerator: Accelerator,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    splits: Splits,
+    config: TrainConfig,
+    seed: int,
+    description: str = "",
+) -> tuple[TrainResult, nn.Module]:
+    """Train ``model``'s trainable parameters on ``splits.train``; returns the result and the prepared model
+    (with the best-validation weights loaded)."""
+    train_loader = _loader(splits.train, task.train_collator(tokenizer, config.max_length), config.batch_size, seed)
+    validation_loader = _loader(
+        splits.validation, task.eval_collator(tokenizer, config.max_length), config.eval_batch_size
+    )
+    test_loader = _loader(splits.test, task.eval_collator(tokenizer, config.max_length), config.eval_batch_size)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    total_steps = config.epochs * len(train_loader)  # single-process count: accelerate steps the schedule per process
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
+    model, optimizer, train_loader, validation_loader, test_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, validation_loader, test_loader, scheduler
+    )
+    result = TrainResult()
+    step_times: list[float] = []
+    best_state: dict[str, torch.Tensor] = {}
+    progress = tqdm(
+        total=config.epochs * len(train_loader), desc=description, leave=False, disable=not accelerator.is_main_process
+    )
+    with PeakMemory(accelerator.device) as memory:
+        for epoch in range(config.epochs):
+            model.train()
+            epoch_start = time.perf_counter()
+            for batch in train_loader:
+                step_start = time.perf_counter()
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step_times.append(time.perf_counter() - step_start)
+                result.final_train_loss = loss.item()
+                progress.update()
+                progress.set_postfix(loss=f"{result.final_train_loss:.3f}", epoch=epoch + 1)
+            result.train_time_s += time.perf_counter() - epoch_start
+            accuracy = evaluate(accelerator, model, task, validation_loader)
+            result.validation_accuracy.append(accuracy)
+            if epoch == 0 or accuracy > result.validation_accuracy[result.best_epoch]:
+                result.best_epoch, best_state = epoch, _trainable_state(model)
+    progress.close()
+    result.step_time_s = statistics.median(step_times)
+    result.steps = len(step_times)
+    result.peak_memory_mib, result.memory_kind = memory.peak_mib, memory.kind
+    _restore(model, best_state)
+    result.test_accuracy = evaluate(accelerator, model, task, test_loader)
+    return result, model
+
+
+def _loader(examples: list[Example], collate: Collator, batch_size: int, seed: int | None = None) -> DataLoader:
+    """A shuffled loader (seeded) for training, or an ordered one for evaluation."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return DataLoader(
+        examples, batch_size=batch_size, shuffle=seed is not None, generator=generator, collate_fn=collate
+    )

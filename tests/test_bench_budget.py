@@ -1,0 +1,98 @@
+"""Budget matching: exact counts, every method within ±10% of a LoRA-sized budget, clear errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from peft import get_peft_model
+
+from hirank.analysis import trainable_parameters
+from hirank.bench.budget import BudgetError, count_adapter_parameters, match_budget, parse_budget
+from hirank.bench.methods import METHODS, MethodUnavailableError, get_method
+from hirank.bench.models import load_model
+
+TARGETS = ["query", "value"]
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return load_model("tiny-bert", "classification").model  # hidden 64, 2 layers
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_model("tiny-llama", "causal_lm").model  # hidden 64, 2 layers, v_proj 64 → 32
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize(
+    "model_name, targets, budget, expected_target",
+    [
+        ("bert", TARGETS, "lora-r4", 2 * 2 * 4 * (64 + 64)),  # 2 layers × (query, value) × r(in + out)
+        ("llama", ["q_proj", "v_proj"], "lora-r8", 2 * 8 * ((64 + 64) + (64 + 32))),  # rectangular v_proj
+    ],
+)
+def test_every_method_matches_a_lora_budget_within_10_percent(
+    method: str, model_name: str, targets: list[str], budget: str, expected_target: int, request: pytest.FixtureRequest
+) -> None:
+    if not METHODS[method].available:
+        pytest.skip(f"{method} is not in this build yet")
+    model = request.getfixturevalue(model_name)
+    target = parse_budget(budget, model, targets)
+    assert target == expected_target
+    match = match_budget(method, model, target, targets)
+    assert abs(match.params - target) <= 0.10 * target
+    # the reported count is the real one: build the chosen config on a real copy and count
+    real = get_peft_model(copy.deepcopy(model), get_method(method).make_config(targets, match.knobs))
+    assert trainable_parameters(real) == match.params
+
+
+def test_counting_leaves_the_model_untouched_and_excludes_the_head(bert) -> None:
+    before = {name: p.clone() for name, p in bert.state_dict().items()}
+    config = get_method("lora").make_config(TARGETS, {"r": 3}, modules_to_save=["classifier"])
+    assert count_adapter_parameters(bert, config) == 2 * 2 * 3 * 128
+    after = bert.state_dict()
+    assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
+    assert not any("lora" in name for name, _ in bert.named_modules())
+
+
+def test_closest_setting_wins_and_ties_go_to_the_first(bert) -> None:
+    per_rank = 2 * 2 * 128
+    assert match_budget("lora", bert, 5 * per_rank + per_rank // 3, TARGETS).knobs["r"] == 5
+    assert match_budget("lora", bert, 5 * per_rank + per_rank // 2, TARGETS).knobs["r"] == 5
+
+
+@pytest.mark.parametrize(
+    "budget, expected",
+    [("lora-r2", 2 * 2 * 2 * 128), ("1000", 1000), ("2.5k", 2500), ("1m", 1_000_000), ("100%", None)],
+)
+def test_parse_budget(budget: str, expected, bert) -> None:
+    total = sum(p.numel() for p in bert.parameters())
+    assert parse_budget(budget, bert, TARGETS) == (expected if expected is not None else total)
+
+
+@pytest.mark.parametrize("budget", ["", "lora", "-5", "0", "0%", "150%", "r4"])
+def test_unreadable_budget(budget: str, bert) -> None:
+    with pytest.raises(BudgetError, match="cannot read budget"):
+        parse_budget(budget, bert, TARGETS)
+
+
+def test_unreachable_budget_says_what_is_reachable(bert) -> None:
+    with pytest.raises(BudgetError) as error:
+        match_budget("lora", bert, 100, TARGETS)
+    assert "out of reach for lora" in str(error.value)
+    assert "512 (r=1, lora_alpha=2, +412%)" in str(error.value) and "±10%" in str(error.value)
+    assert match_budget("lora", bert, 100, TARGETS, tolerance=None).knobs["r"] == 1
+
+
+def test_unknown_or_unavailable_method_lists_available_ones(bert, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(MethodUnavailableError, match=r"unknown method 'dora'; available methods: lora"):
+        match_budget("dora", bert, 1000, TARGETS)
+    import hirank
+
+    monkeypatch.delattr(hirank, "QuantaConfig", raising=False)
+    with pytest.raises(
+        MethodUnavailableError, match=r"'quanta' is not available in this build .*no hirank.QuantaConfig"
+    ):
+        get_method("quanta")

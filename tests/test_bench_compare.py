@@ -1,0 +1,179 @@
+"""``hirank compare`` end to end on a tiny model and synthetic data: two methods, resume, report, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from hirank import cli
+from hirank.bench import compare as compare_module
+from hirank.bench.compare import CompareOptions, compare
+from hirank.bench.methods import available_methods
+from hirank.bench.report import ACCURACY_PLOT, STEP_TIME_PLOT
+from hirank.bench.results import RESULTS_FILE, load_records
+
+from .test_bench_tasks import write_fake_data
+
+OTHER_METHODS = [name for name in available_methods() if name != "lora"]
+
+
+def _options(out: Path, methods: tuple[str, ...]) -> CompareOptions:
+    return CompareOptions(
+        model="tiny-bert",
+        task="sst2",
+        methods=methods,
+        budget="lora-r4",
+        seeds=2,
+        epochs=2,
+        batch_size=8,
+        max_length=32,
+        train_limit=24,
+        eval_limit=16,
+        general_text_pairs=32,
+        out=out,
+    )
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = write_fake_data(tmp_path_factory.mktemp("data"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HIRANK_DATA_DIR", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, fake_data: Path) -> tuple[CompareOptions, list[dict]]:
+    """A finished comparison of LoRA and one hirank method, 2 seeds each (tests must not modify it)."""
+    if not OTHER_METHODS:
+        pytest.skip("only LoRA is available in this build; a comparison needs a second method")
+    options = _options(tmp_path_factory.mktemp("compare") / "out", ("lora", OTHER_METHODS[0]))
+    return options, compare(options)
+
+
+def _copy(options: CompareOptions, folder: Path) -> CompareOptions:
+    shutil.copytree(options.output_dir(), folder)
+    return dataclasses.replace(options, out=folder)
+
+
+def test_compare_two_methods_records_every_run(finished: tuple[CompareOptions, list[dict]]) -> None:
+    options, records = finished
+    assert sorted((r["method"], r["seed"]) for r in records) == sorted(
+        (m, s) for m in options.methods for s in range(options.seeds)
+    )
+    lines = (options.output_dir() / RESULTS_FILE).read_text().splitlines()
+    assert [json.loads(line)["run_id"] for line in lines] == [r["run_id"] for r in records]
+    for record in records:
+        assert abs(record["trainable_params"] - record["target_params"]) <= 0.1 * record["target_params"]
+        assert record["trainable_params_per_rank"] == [record["trainable_params"]]
+        assert record["head_params"] == 64 * 2 + 2  # BERT classifier 64 → 2, trained and saved too
+        assert 0.0 <= record["test_accuracy"] <= 1.0 and len(record["validation_accuracy"]) == options.epochs
+        assert record["steps"] == options.epochs * 3  # 24 examples, batch 8
+        for key in ("train_time_s", "step_time_s", "peak_memory_mib", "forward_unmerged_s", "forward_base_s"):
+            assert record[key] > 0, key
+        assert math.isfinite(record["forgetting"])
+        assert record["effective_rank_mean"] >= 1  # ΔW moved away from zero
+        saved = options.output_dir() / "adapters" / record["run_id"] / "adapter_model.safetensors"
+        assert saved.stat().st_size == record["adapter_file_bytes"]
+        with safe_open(saved, "pt") as tensors:
+            stored = sum(math.prod(tensors.get_slice(key).get_shape()) for key in tensors.keys())
+        # adapters and head; a method may also store frozen tensors it needs (QuanTA: its initial gates θ₀)
+        assert stored >= record["trainable_params"] + record["head_params"]
+    lora = [r for r in records if r["method"] == "lora"]
+    assert all(r["knobs"] == {"r": 4, "lora_alpha": 8} and r["trainable_params"] == r["target_params"] for r in lora)
+    lora_file = options.output_dir() / "adapters" / lora[0]["run_id"] / "adapter_model.safetensors"
+    with safe_open(lora_file, "pt") as tensors:
+        assert sum(math.prod(tensors.get_slice(k).get_shape()) for k in tensors.keys()) == 2048 + 130
+    assert lora[0]["effective_rank_max"] <= 4
+
+
+def test_rerun_resumes_only_missing_runs(
+    finished: tuple[CompareOptions, list[dict]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options, records = finished
+    options = _copy(options, tmp_path / "out")
+    results = options.output_dir() / RESULTS_FILE
+    trained = []
+    real_train = compare_module.train_and_evaluate
+
+    def counting_train(*args, **kwargs):
+        trained.append(kwargs.get("description") or args[-1])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "train_and_evaluate", counting_train)
+    assert compare(options) == records  # everything finished: nothing runs
+    assert trained == []
+    # as if the comparison had been killed before its last run was written
+    lines = results.read_text().splitlines()
+    results.write_text("\n".join(lines[:-1]) + "\n")
+    again = compare(options)
+    assert len(trained) == 1 and trained[0] == f"{records[-1]['method']} seed {records[-1]['seed']}"
+    assert [r["run_id"] for r in again] == [r["run_id"] for r in records]
+    # a changed setting is a new configuration: its runs are done, the old ones stay in the file
+    changed = dataclasses.replace(options, methods=("lora",), seeds=1, epochs=1)
+    assert len(compare(changed)) == 1 and len(load_records(results)) == len(records) + 1
+
+
+def test_report_rebuild(
+    finished: tuple[CompareOptions, list[dict]], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    options, _ = finished
+    folder = _copy(options, tmp_path / "out").output_dir()
+    for name in ("report.md", ACCURACY_PLOT, STEP_TIME_PLOT):
+        (folder / name).unlink(missing_ok=True)
+    assert cli.main(["report", str(folder)]) == 0
+    table = capsys.readouterr().out
+    assert all((folder / name).stat().st_size > 0 for name in ("report.md", ACCURACY_PLOT, STEP_TIME_PLOT))
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [row.split("|")[1].strip() for row in rows] == list(options.methods)
+    assert all(" ± " in row for row in rows)  # two seeds: mean ± std
+    assert "**" in table  # best of each ranked column marked
+    assert table in (folder / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--task", "sst5"], "unknown task 'sst5'; known tasks: sst2"),
+        (["--methods", "lora,dora"], "unknown method 'dora'; available methods: lora"),
+        (["--model", "tiny-llama"], "task sst2 needs a classification model"),
+        (["--budget", "12"], "a budget of 12 adapter parameters is out of reach for lora"),
+        (["--budget", "lots"], "cannot read budget 'lots'"),
+        (["--lr", "dora=1e-3"], "learning rates given for methods not compared: dora"),
+    ],
+)
+def test_cli_errors_are_clear(
+    arguments: list[str], message: str, fake_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    command = ["compare", "--model", "tiny-bert", "--methods", "lora", "--out", str(tmp_path / "out"), *arguments]
+    assert cli.main(command) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compare_runs_a_multiple_choice_task_on_a_causal_lm(tmp_path: Path, fake_data: Path) -> None:
+    options = CompareOptions(
+        model="tiny-llama",
+        task="arc_easy",
+        methods=("lora",),
+        budget="lora-r1",
+        seeds=1,
+        epochs=1,
+        batch_size=8,
+        max_length=32,
+        train_limit=16,
+        eval_limit=8,
+        general_text_pairs=16,
+        out=tmp_path / "mc",
+    )
+    (record,) = compare(options)
+    assert record["target_modules"] == ["q_proj", "v_proj"] and record["head_params"] == 0
+    assert record["test_examples"] == 8 and 0.0 <= record["test_accuracy"] <= 1.0
+    assert math.isfinite(record["forgetting"]) and record["general_loss_before"] > 0
