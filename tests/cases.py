@@ -34,8 +34,6 @@ class MethodCase:
     mergeable: bool = True
     #: peft's LoRA silently skips a listed target that matches nothing (a known complaint); hirank raises.
     strict_targets: bool = True
-    #: ids of tiny models whose shapes the method cannot serve (each must then raise a clear error).
-    rejects: tuple[str, ...] = ()
     #: name of the config field that selects the identity init (peft's LoRA calls it init_lora_weights).
     init_arg: str = "init_weights"
     #: For a layer that edits its own output after adding ΔW (LoRATRF's task-aware filter: input-dependent,
