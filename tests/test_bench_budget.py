@@ -96,3 +96,18 @@ def test_unknown_or_unavailable_method_lists_available_ones(bert, monkeypatch: p
         MethodUnavailableError, match=r"'quanta' is not available in this build .*no hirank.QuantaConfig"
     ):
         get_method("quanta")
+
+
+def test_match_budget_is_public_in_analysis(bert) -> None:
+    import inspect
+
+    import hirank
+    from hirank.bench.budget import DEFAULT_TOLERANCE
+
+    per_rank = 2 * 2 * 128
+    assert hirank.analysis.match_budget("lora", bert, 3 * per_rank, TARGETS) == match_budget(
+        "lora", bert, 3 * per_rank, TARGETS
+    )
+    assert inspect.signature(hirank.analysis.match_budget).parameters["tolerance"].default == DEFAULT_TOLERANCE
+    with pytest.raises(BudgetError, match="out of reach"):
+        hirank.analysis.match_budget("lora", bert, 100, TARGETS)

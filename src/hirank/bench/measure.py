@@ -132,7 +132,8 @@ def effective_rank_of_updates(model: nn.Module) -> dict[str, float]:
     """Effective (numerical) rank of every adapted layer's dense ΔW: mean, min and max over layers (empty for
     a method whose update is not a fixed matrix)."""
     try:
-        ranks = [effective_rank(delta) for delta in delta_weights(model).values()]
+        # float64: QuanTA's and SURM's smallest singular values sit near float32's rounding floor
+        ranks = [effective_rank(delta) for delta in delta_weights(model, dtype=torch.float64).values()]
     except (ValueError, NotImplementedError):
         return {}
     if not ranks:
