@@ -264,3 +264,51 @@ def test_rank_larger_than_a_layer_raises_naming_the_module() -> None:
 def test_bad_config_raises_clear_errors(knobs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         hirank.QuantumPeftConfig(target_modules=["proj"], **knobs)
+
+
+# ---- one batched circuit simulation per shape under peft's forward --------------------------------------
+def test_peft_forward_simulates_every_layers_circuits_in_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hirank.bench.models import load_model
+
+    model = load_model("tiny-bert", "classification").model  # hidden 64, FFN 128: two circuit shapes
+    config = hirank.QuantumPeftConfig(
+        target_modules=["query", "value", "dense"], rank=4, n_layers=2, task_type="SEQ_CLS", init_weights=False
+    )
+    peft_model = get_peft_model(model, config)
+    inputs = torch.randint(0, 50, (3, 10))
+    calls = []
+    simulate = pauli.stiefel_columns
+    monkeypatch.setattr(pauli, "stiefel_columns", lambda angles, *a, **k: calls.append(angles.shape) or simulate(
+        angles, *a, **k))
+
+    def logits_and_grads(forward) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        peft_model.zero_grad()
+        calls.clear()
+        logits = forward(input_ids=inputs).logits
+        logits.square().sum().backward()
+        return logits, {name: p.grad.clone() for name, p in peft_model.named_parameters() if p.grad is not None}
+
+    batched, batched_grads = logits_and_grads(peft_model)  # PeftModel.forward: peft's forward hooks
+    assert sorted(shape[0] for shape in calls) == [4, 18]  # every 128-wide factor in one batch, every 64-wide in one
+    per_layer, per_layer_grads = logits_and_grads(peft_model.get_base_model())  # no hooks: each layer alone
+    assert len(calls) > 2
+    assert torch.equal(batched, per_layer)
+    assert batched_grads.keys() == per_layer_grads.keys() and len(batched_grads) > 0
+    assert all(torch.allclose(batched_grads[n], per_layer_grads[n], atol=1e-6) for n in batched_grads)
+    layers = [m for m in peft_model.modules() if isinstance(m, hirank.tuners.quantum_peft.layer.QuantumPeftLayer)]
+    assert not any("_shared_factors" in layer.__dict__ for layer in layers)  # nothing kept between forwards
+    with peft_model.disable_adapter():
+        calls.clear()
+        peft_model(input_ids=inputs)
+        assert calls == []  # no circuit work for the base model
+
+
+def test_shared_factors_are_dropped_when_the_forward_fails() -> None:
+    from hirank.tuners.quantum_peft.layer import QuantumPeftLayer, shared_circuits
+
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 16)), hirank.QuantumPeftConfig(target_modules=["0"], rank=2))
+    with pytest.raises(RuntimeError, match="boom"), shared_circuits(model):
+        (layer,) = [m for m in model.modules() if isinstance(m, QuantumPeftLayer)]
+        assert set(layer.__dict__["_shared_factors"]) == {"default/out", "default/in"}
+        raise RuntimeError("boom")
+    assert "_shared_factors" not in layer.__dict__

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 from ..base import HirankModel
-from .layer import QuantumPeftLayer
+from .layer import QuantumPeftLayer, shared_circuits
 
 
 class QuantumPeftModel(HirankModel):
@@ -11,3 +15,10 @@ class QuantumPeftModel(HirankModel):
 
     prefix = "qpeft_"
     tuner_layer_cls = QuantumPeftLayer
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """peft enters this around every forward and generate of a PeftModel: simulate every layer's circuits
+        there, one batch per circuit shape (a layer called outside it generates its own U, V)."""
+        with shared_circuits(self.model):
+            yield
