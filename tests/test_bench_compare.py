@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from hirank import cli
 from hirank.bench import compare as compare_module
-from hirank.bench.compare import CompareOptions, compare
+from hirank.bench.compare import CompareError, CompareOptions, compare
 from hirank.bench.methods import available_methods
 from hirank.bench.report import ACCURACY_PLOT, STEP_TIME_PLOT
 from hirank.bench.results import RESULTS_FILE, load_records
@@ -177,3 +177,18 @@ def test_compare_runs_a_multiple_choice_task_on_a_causal_lm(tmp_path: Path, fake
     assert record["target_modules"] == ["q_proj", "v_proj"] and record["head_params"] == 0
     assert record["test_examples"] == 8 and 0.0 <= record["test_accuracy"] <= 1.0
     assert math.isfinite(record["forgetting"]) and record["general_loss_before"] > 0
+
+
+def test_learning_rate_presets_and_overrides(fake_data: Path) -> None:
+    from hirank.bench.methods import METHODS, TUNED_SOURCE
+
+    lora, surm = METHODS["lora"], METHODS["surm"]
+    assert CompareOptions().learning_rate(lora) == (lora.learning_rate, TUNED_SOURCE)
+    paper = CompareOptions(learning_rate_preset="paper")
+    assert paper.learning_rate(lora) == (5e-4, lora.paper_learning_rate_source)
+    assert "LoRA paper" in lora.paper_learning_rate_source and paper.learning_rate(surm)[0] == 2e-3
+    overridden = CompareOptions(learning_rate_preset="paper", learning_rates={"lora": 1e-2, "*": 3e-3})
+    assert overridden.learning_rate(lora) == (1e-2, "command line")
+    assert overridden.learning_rate(surm) == (3e-3, "command line")
+    with pytest.raises(CompareError, match="unknown learning-rate preset 'fast'; use one of tuned, paper"):
+        compare(dataclasses.replace(_options(Path("unused"), ("lora",)), learning_rate_preset="fast"))

@@ -9,6 +9,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from .bench.methods import LEARNING_RATE_PRESETS
+
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
@@ -53,7 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--batch-size", type=int, default=16, help="per process")
     compare.add_argument("--max-length", type=int, default=128, help="tokens per example")
     compare.add_argument(
-        "--lr", type=_learning_rates, default={}, help="override learning rates: METHOD=LR,... or LR for all"
+        "--lr-preset",
+        choices=LEARNING_RATE_PRESETS,
+        default="tuned",
+        help="tuned: rates picked on SST-2 validation for this short schedule (default); paper: the published recipes",
+    )
+    compare.add_argument(
+        "--lr",
+        type=_learning_rates,
+        default={},
+        help="override learning rates: METHOD=LR,... or LR for all (wins over --lr-preset)",
     )
     compare.add_argument(
         "--target-modules", type=_csv, default=None, help="comma-separated; default: the model's usual"
@@ -85,6 +96,7 @@ def _compare(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         max_length=args.max_length,
+        learning_rate_preset=args.lr_preset,
         learning_rates=args.lr,
         target_modules=args.target_modules,
         train_limit=args.train_limit,
@@ -114,7 +126,8 @@ def _list() -> int:
     print("methods:")
     for name, spec in METHODS.items():
         status = "available" if spec.available else "not in this build"
-        print(f"  {name:<12} {status:<18} lr {spec.learning_rate:g} ({spec.learning_rate_source})")
+        print(f"  {name:<12} {status:<18} lr {spec.learning_rate:g} (tuned), {spec.paper_learning_rate:g} (paper: "
+              f"{spec.paper_learning_rate_source})")
     return 0
 
 

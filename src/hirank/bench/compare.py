@@ -36,7 +36,7 @@ from .budget import (
     saved_module_parameters,
 )
 from .measure import effective_rank_of_updates, forgetting, forward_times, save_adapter
-from .methods import METHODS, MethodSpec, available_methods, get_method
+from .methods import LEARNING_RATE_PRESETS, METHODS, MethodSpec, available_methods, get_method
 from .models import PACKAGED_MODELS, LoadedModel, load_model
 from .results import RESULTS_FILE, Record, append_record, load_records, run_key
 from .tasks import ClassificationTask, Splits, Task, general_text, get_task
@@ -56,6 +56,7 @@ class CompareOptions:
     epochs: int = 3
     batch_size: int = 16
     max_length: int = 128
+    learning_rate_preset: str = "tuned"  # "tuned" (short-schedule defaults) or "paper" (published recipes)
     learning_rates: dict[str, float] = field(default_factory=dict)  # overrides: method (or "*" for all) → lr
     target_modules: tuple[str, ...] | None = None  # None: the model's defaults (e.g. BERT: query, value)
     train_limit: int | None = None  # use only the first N training examples (smoke tests)
@@ -77,7 +78,7 @@ class CompareOptions:
         for key in (method.name, "*"):
             if key in self.learning_rates:
                 return self.learning_rates[key], "command line"
-        return method.learning_rate, method.learning_rate_source
+        return method.preset_learning_rate(self.learning_rate_preset)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,11 @@ def _validate(options: CompareOptions, task: Task) -> None:
         get_method(name)
     if options.seeds < 1:
         raise CompareError(f"--seeds must be ≥ 1, got {options.seeds}.")
+    if options.learning_rate_preset not in LEARNING_RATE_PRESETS:
+        raise CompareError(
+            f"unknown learning-rate preset {options.learning_rate_preset!r}; use one of "
+            f"{', '.join(LEARNING_RATE_PRESETS)}."
+        )
     strays = set(options.learning_rates) - set(options.method_names()) - {"*"}
     if strays:
         raise CompareError(f"learning rates given for methods not compared: {', '.join(sorted(strays))}.")

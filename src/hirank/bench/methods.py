@@ -1,5 +1,6 @@
 """The methods ``hirank compare`` knows: how to build each one's peft config, which knob settings
-budget matching may try, and its default learning rate.
+budget matching may try, and its learning rates: the short-schedule default (tuned on a validation split) and
+the rate of its paper's recipe.
 
 Adding or adjusting a method is one :class:`MethodSpec` entry in ``METHODS`` below. A method whose
 config class is not in this build of hirank is listed but *unavailable*: asking for it raises
@@ -32,20 +33,30 @@ class MethodSpec:
     ``config_class`` names a class on ``hirank`` (or ``peft`` for LoRA). ``knob_grid(shapes)`` yields the
     knob settings budget matching may try, given the (in_features, out_features) of every targeted layer
     (for methods whose valid settings depend on them); a setting may also override ``target_modules``.
-    ``fixed_knobs`` are passed with every setting.
+    ``fixed_knobs`` are passed with every setting. ``learning_rate`` is the default of ``hirank compare``;
+    ``paper_learning_rate`` (``--lr-preset paper``) the rate of the method's published recipe.
     """
 
     name: str
     config_class: str
     knob_grid: Callable[[Sequence[Shape]], Iterable[Knobs]]
     learning_rate: float
-    learning_rate_source: str
+    paper_learning_rate: float
+    paper_learning_rate_source: str
     fixed_knobs: Mapping[str, Any] = field(default_factory=dict)
 
     def config_cls(self) -> type[PeftConfig] | None:
         """The config class, or None when this build of hirank does not have it."""
         home = peft if self.name == "lora" else hirank
         return getattr(home, self.config_class, None)
+
+    def preset_learning_rate(self, preset: str) -> tuple[float, str]:
+        """The learning rate of ``preset`` (see :data:`LEARNING_RATE_PRESETS`) and where it comes from."""
+        if preset == "tuned":
+            return self.learning_rate, TUNED_SOURCE
+        if preset == "paper":
+            return self.paper_learning_rate, self.paper_learning_rate_source
+        raise ValueError(f"unknown learning-rate preset {preset!r}; use one of {', '.join(LEARNING_RATE_PRESETS)}.")
 
     @property
     def available(self) -> bool:
@@ -133,26 +144,33 @@ def _surm_grid(shapes: Sequence[Shape]) -> Iterable[Knobs]:
 
 
 _NO_RECIPE = "no published recipe could be read; LoRA's"
+#: ``tuned``: each method's ``learning_rate`` below is the best of the grid 5e-4 … 1e-1 on SST-2's *validation*
+#: split (MiniLM, LoRA r=4's budget, 3 epochs of 500 sentences, seed 0; ``benchmarks/lr_sweep.py``, table in
+#: the README). ``paper``: the published recipes, set for schedules 20–100× longer; most underfit in 96 steps.
+LEARNING_RATE_PRESETS = ("tuned", "paper")
+TUNED_SOURCE = "best on SST-2 validation in a short MiniLM run (benchmarks/lr_sweep.py)"
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("lora", "LoraConfig", _lora_grid, 5e-4, "LoRA paper (Hu et al. 2021), RoBERTa-base on SST-2"),
-        MethodSpec("quanta", "QuantaConfig", _quanta_grid, 1e-4, "QuanTA official run.sh, LLaMA-2-7B on DROP"),
-        MethodSpec("quantum_peft", "QuantumPeftConfig", _quantum_peft_grid, 5e-4, _NO_RECIPE),
+        MethodSpec("lora", "LoraConfig", _lora_grid, 5e-3, 5e-4, "LoRA paper (Hu et al. 2021), RoBERTa-base on SST-2"),
+        MethodSpec("quanta", "QuantaConfig", _quanta_grid, 1e-2, 1e-4, "QuanTA official run.sh, LLaMA-2-7B on DROP"),
+        MethodSpec("quantum_peft", "QuantumPeftConfig", _quantum_peft_grid, 5e-2, 5e-4, _NO_RECIPE),
         MethodSpec(
             "mtlora",
             "MTLoraConfig",
             _mtlora_grid,
+            5e-3,
             5e-4,
             "MTLoRA official scripts, RoBERTa-base on SST-2",
             fixed_knobs={"variant": "shim"},
         ),
-        MethodSpec("loratrf", "LoraTRFConfig", _loratrf_grid, 5e-4, _NO_RECIPE),
+        MethodSpec("loratrf", "LoraTRFConfig", _loratrf_grid, 5e-3, 5e-4, _NO_RECIPE),
         MethodSpec(
             "surm",
             "SurmConfig",
             _surm_grid,
+            2e-3,
             2e-3,
             "SURM official run_bert_glue.py, BERT-base on GLUE",
             fixed_knobs={"placement": "lora"},
