@@ -14,6 +14,8 @@ worse at it:
 
 from __future__ import annotations
 
+import os
+import shutil
 import statistics
 import threading
 import time
@@ -201,6 +203,15 @@ def forward_times(model: PeftModel, batch: Batch, repeats: int = 10, budget_s: f
 
 
 def save_adapter(model: PeftModel, folder: Path) -> int:
-    """Save the adapter (safetensors) and return the size in bytes of ``adapter_model.safetensors``."""
-    model.save_pretrained(folder, safe_serialization=True)
-    return (folder / "adapter_model.safetensors").stat().st_size
+    """Save the adapter (safetensors) and return the size in bytes of ``adapter_model.safetensors``.
+
+    Written to a temporary sibling folder and renamed into place, so ``folder`` is never a half-written adapter
+    (a comparison killed while saving leaves only the temporary folder, which the re-run replaces).
+    """
+    staging = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    size = (staging / "adapter_model.safetensors").stat().st_size
+    shutil.rmtree(folder, ignore_errors=True)  # a re-run of a run whose record was lost replaces its adapter
+    os.replace(staging, folder)
+    return size
