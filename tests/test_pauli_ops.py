@@ -312,3 +312,35 @@ def test_shared_factors_are_dropped_when_the_forward_fails() -> None:
         assert set(layer.__dict__["_shared_factors"]) == {"default/out", "default/in"}
         raise RuntimeError("boom")
     assert "_shared_factors" not in layer.__dict__
+
+
+def test_inference_keeps_the_factors_until_the_angles_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 24)),
+        hirank.QuantumPeftConfig(target_modules=["0", "1"], rank=2, init_weights=False),
+    )
+    calls = []
+    simulate = pauli.stiefel_columns
+    monkeypatch.setattr(pauli, "stiefel_columns", lambda *a, **k: calls.append(1) or simulate(*a, **k))
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        first = model(x)
+        assert len(calls) > 0
+        calls.clear()
+        assert torch.equal(model(x), first) and calls == []  # no circuit simulated again
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(x).square().sum().backward()  # grad on: factors are always regenerated (they need a graph)
+    assert len(calls) > 0
+    optimizer.step()  # edits the angles in place
+    with torch.no_grad():
+        calls.clear()
+        after_step = model(x)
+        assert len(calls) > 0 and not torch.allclose(after_step, first)
+        model.load_state_dict(model.state_dict() | {
+            name: torch.zeros_like(t) for name, t in model.state_dict().items() if "qpeft_angles" in name})
+        calls.clear()
+        reloaded = model(x)
+        assert len(calls) > 0 and not torch.allclose(reloaded, after_step)
+        calls.clear()
+        assert torch.equal(model.get_base_model()(x), reloaded) and calls == []  # per-layer path reads it too

@@ -43,7 +43,8 @@ class QuantumPeftLayer(HirankLayer):
     ``qpeft_angles_out`` generates U (d_out × K), ``qpeft_angles_in`` generates V (d_in × K), ``qpeft_lambda``
     is Λ. U and V are regenerated once per forward call (a token-independent circuit simulation); the
     per-token cost is that of LoRA with rank K. Under the tuner's forward, the circuits of every layer are
-    simulated together beforehand (:func:`shared_circuits`) and the layer only reads its factors.
+    simulated together beforehand (:func:`shared_circuits`) and the layer only reads its factors. Under no-grad
+    (evaluation, generation) U and V are kept until the angles change, so inference runs no circuits.
     """
 
     adapter_layer_names = ("qpeft_angles_out", "qpeft_angles_in", "qpeft_lambda")
@@ -56,12 +57,14 @@ class QuantumPeftLayer(HirankLayer):
             self.qpeft_lambda = nn.ParameterDict()
             self.qpeft_settings: dict[str, QuantumPeftSettings] = {}
             self.qpeft_rank_mask = BufferDict(persistent=False)  # rebuilt from the config on load
+            self._inference_factors: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
         smallest = min(self.in_features, self.out_features)
         if config.rank > smallest:
             raise ValueError(
                 f"rank K={config.rank} exceeds min(in_features, out_features) = {smallest}, so U and V cannot have K "
                 f"orthonormal columns; use rank ≤ {smallest} or leave this module out of target_modules."
             )
+        self._inference_factors.pop(adapter_name, None)
         rank, n_layers = config.rank, config.n_layers
         self.qpeft_settings[adapter_name] = QuantumPeftSettings(rank, n_layers, float(config.scale))
         # Our init choice (spec §2.6 leaves it open): angles uniform in [−π, π) so U, V are spread-out subspaces
@@ -83,7 +86,7 @@ class QuantumPeftLayer(HirankLayer):
             return []
         requests = []
         for name in self.active_adapters:
-            if name not in self._adapter_names():
+            if name not in self._adapter_names() or self._cached_factors(name) is not None:
                 continue
             settings = self.qpeft_settings[name]
             for role, angles, dim in (("out", self.qpeft_angles_out[name], self.out_features),
@@ -92,19 +95,40 @@ class QuantumPeftLayer(HirankLayer):
                 requests.append((key, f"{name}/{role}", angles))
         return requests
 
+    def _angles_key(self, adapter_name: str) -> tuple:
+        """Changes whenever either angle tensor is replaced or edited in place (optimizer step, load, .to())."""
+        angles = (self.qpeft_angles_out[adapter_name], self.qpeft_angles_in[adapter_name])
+        return tuple((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device) for tensor in angles)
+
+    def _cached_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(U, V) kept from an earlier no-grad forward with the same angles; None with grad on or when stale."""
+        cached = self._inference_factors.get(adapter_name)
+        if torch.is_grad_enabled() or cached is None or cached[0] != self._angles_key(adapter_name):
+            return None
+        return cached[1], cached[2]
+
+    def keep_for_inference(self, adapter_name: str, u: torch.Tensor, v: torch.Tensor) -> None:
+        """Under no-grad, keep (U, V) for the next forwards until the angles change (eval needs no new circuits)."""
+        if not torch.is_grad_enabled():
+            self._inference_factors[adapter_name] = (self._angles_key(adapter_name), u, v)
+
     def stiefel_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V): (d_out × K) and (d_in × K) with orthonormal columns."""
         shared = getattr(self, "_shared_factors", {})
         if f"{adapter_name}/out" in shared:
             return shared[f"{adapter_name}/out"], shared[f"{adapter_name}/in"]
+        cached = self._cached_factors(adapter_name)
+        if cached is not None:
+            return cached
         settings = self.qpeft_settings[adapter_name]
         angles_out, angles_in = self.qpeft_angles_out[adapter_name], self.qpeft_angles_in[adapter_name]
         if self.in_features == self.out_features:  # one batched circuit simulation for both factors
-            both = pauli.stiefel_columns(torch.stack((angles_out, angles_in)), self.out_features, settings.rank,
-                                         settings.n_layers)
-            return both[0], both[1]
-        u = pauli.stiefel_columns(angles_out, self.out_features, settings.rank, settings.n_layers)
-        v = pauli.stiefel_columns(angles_in, self.in_features, settings.rank, settings.n_layers)
+            u, v = pauli.stiefel_columns(torch.stack((angles_out, angles_in)), self.out_features, settings.rank,
+                                         settings.n_layers).unbind(0)
+        else:
+            u = pauli.stiefel_columns(angles_out, self.out_features, settings.rank, settings.n_layers)
+            v = pauli.stiefel_columns(angles_in, self.in_features, settings.rank, settings.n_layers)
+        self.keep_for_inference(adapter_name, u, v)
         return u, v
 
     def _scaled_diagonal(self, adapter_name: str) -> torch.Tensor:
@@ -140,6 +164,12 @@ def shared_circuits(model: nn.Module) -> Iterator[None]:
                                             key.n_layers)
             for (layer, slot, _), factor in zip(batch, columns.unbind(0)):
                 layer.__dict__.setdefault("_shared_factors", {})[slot] = factor
+        for layer in layers:
+            shared = layer.__dict__.get("_shared_factors", {})
+            for slot in shared:
+                name, role = slot.rsplit("/", 1)
+                if role == "out":
+                    layer.keep_for_inference(name, shared[slot], shared[f"{name}/in"])
         yield
     finally:
         for layer in layers:
