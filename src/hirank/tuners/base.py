@@ -198,7 +198,11 @@ class HirankLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        return self._adapted_output(self.base_layer(x, *args, **kwargs), x)
+
+    def _adapted_output(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output with adapters on, from the base layer's (merged weights included) output ``result``.
+        Additive methods add each active unmerged branch; a method that also edits the output overrides this."""
         if self.merged:
             return result
         for name in self.active_adapters:

@@ -128,12 +128,7 @@ class LoraTRFLayer(HirankLayer):
     def _filters(self, adapter_names: Iterable[str]) -> list[TaskFilter]:
         return [self.loratrf_filter[name] for name in adapter_names if name in self.loratrf_filter]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        h = self.base_layer(x, *args, **kwargs)
+    def _adapted_output(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # the merged adapters' LoRA parts are in the weight; their filters stay live
             return apply_filters(h, self._filters(self.merged_adapters))
         active = [name for name in self.active_adapters if name in self._adapter_names()]

@@ -179,12 +179,8 @@ class SurmLayer(HirankLayer):
         activation = ACTIVATION_FUNCTIONS[settings.activation]
         return activation(settings.alpha * self._structured_product(v, adapter_name)) + self.surm_bias[adapter_name]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+    def _adapted_output(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Unmerged LoRA-placed branches read x; adapter-placed ones then read the resulting layer output."""
         active = [name for name in self.active_adapters
                   if name in self.surm_settings and name not in self.merged_adapters]
         for name in active:
