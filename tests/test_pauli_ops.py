@@ -309,7 +309,7 @@ def test_shared_factors_are_dropped_when_the_forward_fails() -> None:
     model = get_peft_model(nn.Sequential(nn.Linear(16, 16)), hirank.QuantumPeftConfig(target_modules=["0"], rank=2))
     with pytest.raises(RuntimeError, match="boom"), shared_circuits(model):
         (layer,) = [m for m in model.modules() if isinstance(m, QuantumPeftLayer)]
-        assert set(layer.__dict__["_shared_factors"]) == {"default/out", "default/in"}
+        assert set(layer.__dict__["_shared_factors"]) == {("default", "out"), ("default", "in")}
         raise RuntimeError("boom")
     assert "_shared_factors" not in layer.__dict__
 

@@ -80,8 +80,8 @@ class QuantumPeftLayer(HirankLayer):
             del self.qpeft_rank_mask[adapter_name]
         self._finish_update_layer(adapter_name, config)
 
-    def circuit_requests(self) -> list[tuple[CircuitKey, str, nn.Parameter]]:
-        """(circuit shape, "adapter/out|in", angles) of every factor this layer's next forward needs."""
+    def circuit_requests(self) -> list[tuple[CircuitKey, tuple[str, str], nn.Parameter]]:
+        """(circuit shape, (adapter, "out" | "in"), angles) of every factor this layer's next forward needs."""
         if self.disable_adapters or self.merged:
             return []
         requests = []
@@ -92,7 +92,7 @@ class QuantumPeftLayer(HirankLayer):
             for role, angles, dim in (("out", self.qpeft_angles_out[name], self.out_features),
                                       ("in", self.qpeft_angles_in[name], self.in_features)):
                 key = CircuitKey(dim, settings.rank, settings.n_layers, angles.dtype, angles.device)
-                requests.append((key, f"{name}/{role}", angles))
+                requests.append((key, (name, role), angles))
         return requests
 
     def _angles_key(self, adapter_name: str) -> tuple:
@@ -107,7 +107,7 @@ class QuantumPeftLayer(HirankLayer):
             return None
         return cached[1], cached[2]
 
-    def keep_for_inference(self, adapter_name: str, u: torch.Tensor, v: torch.Tensor) -> None:
+    def _keep_for_inference(self, adapter_name: str, u: torch.Tensor, v: torch.Tensor) -> None:
         """Under no-grad, keep (U, V) for the next forwards until the angles change (eval needs no new circuits)."""
         if not torch.is_grad_enabled():
             self._inference_factors[adapter_name] = (self._angles_key(adapter_name), u, v)
@@ -115,20 +115,26 @@ class QuantumPeftLayer(HirankLayer):
     def stiefel_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V): (d_out × K) and (d_in × K) with orthonormal columns."""
         shared = getattr(self, "_shared_factors", {})
-        if f"{adapter_name}/out" in shared:
-            return shared[f"{adapter_name}/out"], shared[f"{adapter_name}/in"]
-        cached = self._cached_factors(adapter_name)
-        if cached is not None:
-            return cached
+        if (adapter_name, "out") in shared:
+            u, v = shared[adapter_name, "out"], shared[adapter_name, "in"]
+        else:
+            cached = self._cached_factors(adapter_name)
+            if cached is not None:
+                return cached
+            u, v = self._simulate(adapter_name)
+        self._keep_for_inference(adapter_name, u, v)
+        return u, v
+
+    def _simulate(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) from this layer's circuits alone."""
         settings = self.qpeft_settings[adapter_name]
         angles_out, angles_in = self.qpeft_angles_out[adapter_name], self.qpeft_angles_in[adapter_name]
         if self.in_features == self.out_features:  # one batched circuit simulation for both factors
             u, v = pauli.stiefel_columns(torch.stack((angles_out, angles_in)), self.out_features, settings.rank,
                                          settings.n_layers).unbind(0)
-        else:
-            u = pauli.stiefel_columns(angles_out, self.out_features, settings.rank, settings.n_layers)
-            v = pauli.stiefel_columns(angles_in, self.in_features, settings.rank, settings.n_layers)
-        self.keep_for_inference(adapter_name, u, v)
+            return u, v
+        u = pauli.stiefel_columns(angles_out, self.out_features, settings.rank, settings.n_layers)
+        v = pauli.stiefel_columns(angles_in, self.in_features, settings.rank, settings.n_layers)
         return u, v
 
     def _scaled_diagonal(self, adapter_name: str) -> torch.Tensor:
@@ -154,7 +160,7 @@ def shared_circuits(model: nn.Module) -> Iterator[None]:
     forward passes inside the block (each gate is then one tensor operation for all layers instead of one per
     layer: fewer, larger kernels). Same values and gradients as per-layer generation (tested)."""
     layers = [module for module in model.modules() if isinstance(module, QuantumPeftLayer)]
-    batches: dict[CircuitKey, list[tuple[QuantumPeftLayer, str, nn.Parameter]]] = {}
+    batches: dict[CircuitKey, list[tuple[QuantumPeftLayer, tuple[str, str], nn.Parameter]]] = {}
     for layer in layers:
         for key, slot, angles in layer.circuit_requests():
             batches.setdefault(key, []).append((layer, slot, angles))
@@ -164,12 +170,6 @@ def shared_circuits(model: nn.Module) -> Iterator[None]:
                                             key.n_layers)
             for (layer, slot, _), factor in zip(batch, columns.unbind(0)):
                 layer.__dict__.setdefault("_shared_factors", {})[slot] = factor
-        for layer in layers:
-            shared = layer.__dict__.get("_shared_factors", {})
-            for slot in shared:
-                name, role = slot.rsplit("/", 1)
-                if role == "out":
-                    layer.keep_for_inference(name, shared[slot], shared[f"{name}/in"])
         yield
     finally:
         for layer in layers:
