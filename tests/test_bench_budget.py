@@ -102,12 +102,12 @@ def test_match_budget_is_public_in_analysis(bert) -> None:
     import inspect
 
     import hirank
-    from hirank.bench.budget import DEFAULT_TOLERANCE
+    from hirank.analysis import DEFAULT_BUDGET_TOLERANCE
 
     per_rank = 2 * 2 * 128
     assert hirank.analysis.match_budget("lora", bert, 3 * per_rank, TARGETS) == match_budget(
         "lora", bert, 3 * per_rank, TARGETS
     )
-    assert inspect.signature(hirank.analysis.match_budget).parameters["tolerance"].default == DEFAULT_TOLERANCE
+    assert inspect.signature(hirank.analysis.match_budget).parameters["tolerance"].default == DEFAULT_BUDGET_TOLERANCE
     with pytest.raises(BudgetError, match="out of reach"):
         hirank.analysis.match_budget("lora", bert, 100, TARGETS)

@@ -71,12 +71,16 @@ def effective_rank(matrix: torch.Tensor, tol: Optional[float] = None) -> int:
     return int((values > tol).sum())
 
 
+#: How far (relative) a method's closest adapter parameter count may miss a budget before matching fails.
+DEFAULT_BUDGET_TOLERANCE = 0.10
+
+
 def match_budget(
     method: str,
     model: nn.Module,
     target_params: int,
     target_modules: Sequence[str],
-    tolerance: Optional[float] = 0.10,
+    tolerance: Optional[float] = DEFAULT_BUDGET_TOLERANCE,
 ) -> "BudgetMatch":
     """The knobs of ``method`` (``"lora"``, ``"quanta"``, ... as in ``hirank list``) whose exact adapter parameter
     count on ``model``'s ``target_modules`` is closest to ``target_params``; raises ``BudgetError`` when the

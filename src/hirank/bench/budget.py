@@ -22,9 +22,9 @@ from peft import PeftConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..analysis import DEFAULT_BUDGET_TOLERANCE
 from .methods import Knobs, Shape, get_method, lora_knobs
 
-DEFAULT_TOLERANCE = 0.10
 _SAVED_MODULE_MARK = ".modules_to_save."
 
 
@@ -101,7 +101,7 @@ def match_budget(
     model: nn.Module,
     target_params: int,
     target_modules: Sequence[str],
-    tolerance: float | None = DEFAULT_TOLERANCE,
+    tolerance: float | None = DEFAULT_BUDGET_TOLERANCE,
 ) -> BudgetMatch:
     """The knob setting of ``method`` whose adapter parameter count is closest to ``target_params``.
 

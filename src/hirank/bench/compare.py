@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 import hirank
 
+from ..analysis import DEFAULT_BUDGET_TOLERANCE
 from .budget import (
-    DEFAULT_TOLERANCE,
     BudgetMatch,
     adapter_parameters,
     match_budget,
@@ -36,7 +36,7 @@ from .budget import (
     saved_module_parameters,
 )
 from .measure import effective_rank_of_updates, forgetting, forward_times, save_adapter
-from .methods import LEARNING_RATE_PRESETS, METHODS, MethodSpec, available_methods, get_method
+from .methods import METHODS, MethodSpec, UnknownPresetError, available_methods, get_method
 from .models import PACKAGED_MODELS, LoadedModel, load_model
 from .results import RESULTS_FILE, Record, append_record, load_records, run_key
 from .tasks import ClassificationTask, Splits, Task, general_text, get_task
@@ -51,7 +51,7 @@ class CompareOptions:
     task: str = "sst2"
     methods: tuple[str, ...] | None = None  # None: every method available in this build
     budget: str = "lora-r4"
-    budget_tolerance: float | None = DEFAULT_TOLERANCE
+    budget_tolerance: float | None = DEFAULT_BUDGET_TOLERANCE
     seeds: int = 3
     epochs: int = 3
     batch_size: int = 16
@@ -113,14 +113,13 @@ def _validate(options: CompareOptions, task: Task) -> None:
     if not options.method_names():
         raise CompareError("no method to compare.")
     for name in options.method_names():
-        get_method(name)
+        spec = get_method(name)
+        try:
+            options.learning_rate(spec)
+        except UnknownPresetError as error:
+            raise CompareError(str(error)) from None
     if options.seeds < 1:
         raise CompareError(f"--seeds must be ≥ 1, got {options.seeds}.")
-    if options.learning_rate_preset not in LEARNING_RATE_PRESETS:
-        raise CompareError(
-            f"unknown learning-rate preset {options.learning_rate_preset!r}; use one of "
-            f"{', '.join(LEARNING_RATE_PRESETS)}."
-        )
     strays = set(options.learning_rates) - set(options.method_names()) - {"*"}
     if strays:
         raise CompareError(f"learning rates given for methods not compared: {', '.join(sorted(strays))}.")

@@ -26,6 +26,10 @@ class MethodUnavailableError(ValueError):
     """The method is unknown, or its config class is missing from this build."""
 
 
+class UnknownPresetError(ValueError):
+    """A learning-rate preset that is not one of :data:`LEARNING_RATE_PRESETS`."""
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One comparable method.
@@ -56,7 +60,9 @@ class MethodSpec:
             return self.learning_rate, TUNED_SOURCE
         if preset == "paper":
             return self.paper_learning_rate, self.paper_learning_rate_source
-        raise ValueError(f"unknown learning-rate preset {preset!r}; use one of {', '.join(LEARNING_RATE_PRESETS)}.")
+        raise UnknownPresetError(
+            f"unknown learning-rate preset {preset!r}; use one of {', '.join(LEARNING_RATE_PRESETS)}."
+        )
 
     @property
     def available(self) -> bool:
