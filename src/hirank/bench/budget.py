@@ -23,6 +23,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..analysis import DEFAULT_BUDGET_TOLERANCE
+from ..tuners.base import module_name_matches
 from .methods import Knobs, Shape, get_method, lora_knobs
 
 _SAVED_MODULE_MARK = ".modules_to_save."
@@ -83,7 +84,7 @@ def target_shapes(model: nn.Module, target_modules: Sequence[str]) -> list[Shape
     """(in_features, out_features) of every module whose name is, or ends with, one of ``target_modules``."""
     shapes = []
     for name, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer) or not any(name == t or name.endswith("." + t) for t in target_modules):
+        if isinstance(module, BaseTunerLayer) or not any(module_name_matches(name, t) for t in target_modules):
             continue
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 2:

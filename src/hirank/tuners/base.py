@@ -74,6 +74,11 @@ class HirankConfig(PeftConfig):
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a regex string.")
 
 
+def module_name_matches(module_name: str, key: str) -> bool:
+    """peft's rule for a listed target name: the module's full name is ``key`` or ends with ``.key``."""
+    return module_name == key or module_name.endswith("." + key)
+
+
 def layer_dims(base_layer: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of a supported layer; TypeError otherwise."""
     if isinstance(base_layer, nn.Linear):
@@ -230,7 +235,7 @@ class HirankModel(BaseTuner):
         if not isinstance(targets, (list, set, tuple)):
             return
         names = [name for name, _ in model.named_modules() if name]
-        missing = sorted(t for t in targets if not any(n == t or n.endswith("." + t) for n in names))
+        missing = sorted(t for t in targets if not any(module_name_matches(n, t) for n in names))
         if missing:
             leaf_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                                  if n and isinstance(m, SUPPORTED_LAYER_TYPES)})

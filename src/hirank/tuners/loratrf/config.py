@@ -8,7 +8,7 @@ from typing import Literal, Optional, Union
 
 from ..._peft import HirankPeftType
 from ...ops.loratrf import SIMILARITIES, TRANSFORMS
-from ..base import HirankConfig
+from ..base import HirankConfig, module_name_matches
 
 _POSITIONS = re.compile(r"(?:f(?P<first>\d+))?\+?(?:l(?P<last>\d+))?")
 
@@ -115,4 +115,4 @@ class LoraTRFConfig(HirankConfig):
             return True
         if isinstance(self.filter_modules, str):
             return re.fullmatch(self.filter_modules, module_name) is not None
-        return any(module_name == name or module_name.endswith("." + name) for name in self.filter_modules)
+        return any(module_name_matches(module_name, name) for name in self.filter_modules)

@@ -7,7 +7,7 @@ from typing import Any
 from peft.config import PeftConfig
 from torch import nn
 
-from ..base import HirankModel
+from ..base import HirankModel, module_name_matches
 from .config import LoraTRFConfig
 from .layer import LoraTRFLayer
 
@@ -55,7 +55,7 @@ class LoraTRFModel(HirankModel):
             return
         filtered = [name for name, module in model.named_modules()
                     if isinstance(module, LoraTRFLayer) and adapter_name in module.loratrf_filter]
-        missing = [f for f in config.filter_modules if not any(n == f or n.endswith("." + f) for n in filtered)]
+        missing = [f for f in config.filter_modules if not any(module_name_matches(n, f) for n in filtered)]
         if missing:
             adapted = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                               if isinstance(module, LoraTRFLayer)})
