@@ -24,7 +24,7 @@ from torch import nn
 
 from ..analysis import DEFAULT_BUDGET_TOLERANCE
 from ..tuners.base import module_name_matches
-from .methods import Knobs, Shape, get_method, lora_knobs
+from .methods import Knobs, Shape, format_knobs, get_method, lora_knobs
 
 _SAVED_MODULE_MARK = ".modules_to_save."
 
@@ -116,7 +116,7 @@ def match_budget(
         try:
             candidates.append((knobs, count_adapter_parameters(model, spec.make_config(target_modules, knobs))))
         except (TypeError, ValueError) as error:  # a setting the method rejects for this model's shapes
-            rejected.append(f"{_format_knobs(knobs)}: {error}")
+            rejected.append(f"{format_knobs(knobs)}: {error}")
     if not candidates:
         raise BudgetError(f"no knob setting of {method} is valid for this model: " + "; ".join(rejected[:5]))
     knobs, params = min(candidates, key=lambda candidate: abs(candidate[1] - target_params))
@@ -126,15 +126,11 @@ def match_budget(
     return match
 
 
-def _format_knobs(knobs: Knobs) -> str:
-    return ", ".join(f"{key}={value}" for key, value in knobs.items())
-
-
 def _out_of_reach_message(match: BudgetMatch, tolerance: float) -> str:
     below = max((c for c in match.candidates if c[1] <= match.target), key=lambda c: c[1], default=None)
     above = min((c for c in match.candidates if c[1] > match.target), key=lambda c: c[1], default=None)
     nearest = " and ".join(
-        f"{params:,} ({_format_knobs(knobs)}, {(params - match.target) / match.target:+.0%})"
+        f"{params:,} ({format_knobs(knobs)}, {(params - match.target) / match.target:+.0%})"
         for knobs, params in (c for c in (below, above) if c is not None)
     )
     counts = [c[1] for c in match.candidates]

@@ -91,6 +91,11 @@ def _ranks(shapes: Sequence[Shape]) -> list[int]:
     return [r for r in _RANKS if r <= limit]
 
 
+def format_knobs(knobs: Mapping[str, Any]) -> str:
+    """``r=4, lora_alpha=8``: knobs as the tables and messages show them."""
+    return ", ".join(f"{key}={value}" for key, value in knobs.items())
+
+
 def lora_knobs(rank: int) -> Knobs:
     """LoRA knobs for ``rank``; lora_alpha = 2r keeps the scaling alpha/r at 2 across ranks."""
     return {"r": rank, "lora_alpha": 2 * rank}

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .methods import METHODS
+from .methods import METHODS, format_knobs
 from .results import RESULTS_FILE, Record, ResultsFileError, load_records, write_atomically
 
 ACCURACY_PLOT = "accuracy_vs_params.png"
@@ -77,7 +77,7 @@ def group_rows(records: list[Record]) -> list[Row]:
         groups.setdefault((record["method"], record["config_hash"]), []).append(record)
     order = list(METHODS)
     rows = [
-        Row(method, ", ".join(f"{k}={v}" for k, v in runs[0]["knobs"].items()), sorted(runs, key=lambda r: r["seed"]))
+        Row(method, format_knobs(runs[0]["knobs"]), sorted(runs, key=lambda r: r["seed"]))
         for (method, _), runs in groups.items()
     ]
     return sorted(rows, key=lambda row: (order.index(row.method) if row.method in order else len(order), row.knobs))
