@@ -51,8 +51,23 @@ def delta_weights(
     return deltas
 
 
+class NonFiniteError(ValueError):
+    """A ΔW (or other matrix) with NaN or infinite entries: its spectrum and rank are undefined."""
+
+
+def _require_finite(matrix: torch.Tensor) -> None:
+    bad = int((~torch.isfinite(matrix)).sum()) if matrix.is_floating_point() or matrix.is_complex() else 0
+    if bad:
+        raise NonFiniteError(
+            f"matrix of shape {tuple(matrix.shape)} has {bad} non-finite entries (NaN or ±Inf), e.g. the ΔW of an "
+            "adapter whose training diverged; its spectrum and rank are undefined."
+        )
+
+
 def spectrum(matrix: torch.Tensor) -> torch.Tensor:
-    """Singular values of ``matrix`` in descending order (computed in float64)."""
+    """Singular values of ``matrix`` in descending order (computed in float64); raises
+    :class:`NonFiniteError` (a ``ValueError``) if ``matrix`` has NaN or infinite entries."""
+    _require_finite(matrix)
     return torch.linalg.svdvals(matrix.detach().to(torch.float64))
 
 
@@ -60,7 +75,8 @@ def effective_rank(matrix: torch.Tensor, tol: Optional[float] = None) -> int:
     """Numerical rank: the number of singular values above ``tol``.
 
     The default tolerance is NumPy's ``matrix_rank`` rule, σ_max · max(m, n) · eps, with eps of the
-    matrix's own dtype (float32 ΔW → float32 eps), so rounding noise does not count as rank.
+    matrix's own dtype (float32 ΔW → float32 eps), so rounding noise does not count as rank. Raises
+    :class:`NonFiniteError` (a ``ValueError``) if ``matrix`` has NaN or infinite entries.
     """
     values = spectrum(matrix)
     if values.numel() == 0:

@@ -14,9 +14,12 @@ worse at it:
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import shutil
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +31,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from hirank.analysis import delta_weights, effective_rank
+from hirank.analysis import NonFiniteError, delta_weights, effective_rank
 
 from .tasks import Batch
 
@@ -36,40 +39,73 @@ CONTRASTIVE_BATCH = 32
 CONTRASTIVE_SCALE = 20.0
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so that memory an
+    earlier run freed but the allocator kept does not count as this run's resident memory."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            pass
+
+
 class PeakMemory:
-    """Peak memory while the block runs, in MiB: CUDA allocated memory on a GPU, else the process's resident
-    set size sampled every 20 ms (includes the model, the data and Python itself)."""
+    """Peak memory while the block runs, as an increase over the memory in use when it started, in MiB:
+    CUDA allocated memory on a GPU, else the process's resident set size sampled every 20 ms (after handing
+    freed memory back to the OS at the start).
+
+    Measured relative to the block's own start so that what earlier runs of the same process left behind
+    (caches, fragmentation) does not count: a run's peak does not depend on its position in the process.
+    ``baseline_mib`` is the memory in use at the start.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.peak_mib = 0.0
+        self.baseline_mib = 0.0
+        self._highest_mib = 0.0
         self._stop = threading.Event()
+
+    def _current_mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return psutil.Process().memory_info().rss / 2**20
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_mib = self._current_mib()
         else:
+            release_freed_memory()
+            self.baseline_mib = self._highest_mib = self._current_mib()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
 
     def _sample(self) -> None:
-        process = psutil.Process()
         while True:
-            self.peak_mib = max(self.peak_mib, process.memory_info().rss / 2**20)
+            self._highest_mib = max(self._highest_mib, self._current_mib())
             if self._stop.wait(0.02):
                 return
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
-            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+            torch.cuda.synchronize(self.device)
+            self._highest_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:
             self._stop.set()
             self._thread.join()
+            self._highest_mib = max(self._highest_mib, self._current_mib())
+
+    @property
+    def peak_mib(self) -> float:
+        """Highest memory in use during the block minus :attr:`baseline_mib`."""
+        return max(0.0, self._highest_mib - self.baseline_mib)
 
     @property
     def kind(self) -> str:
-        return "cuda_max_allocated" if self.device.type == "cuda" else "cpu_peak_rss"
+        return "cuda_max_allocated_increase" if self.device.type == "cuda" else "cpu_peak_rss_increase"
 
 
 def _mean_pooled(encoder: nn.Module, batch: Batch) -> torch.Tensor:
@@ -136,6 +172,8 @@ def effective_rank_of_updates(model: nn.Module) -> dict[str, float]:
     try:
         # float64: QuanTA's and SURM's smallest singular values sit near float32's rounding floor
         ranks = [effective_rank(delta) for delta in delta_weights(model, dtype=torch.float64).values()]
+    except NonFiniteError:
+        raise  # a diverged adapter is an error, not a method without a fixed ΔW
     except (ValueError, NotImplementedError):
         return {}
     if not ranks:
@@ -159,8 +197,10 @@ def forward_times(model: PeftModel, batch: Batch, repeats: int = 10, budget_s: f
     weights, and of the base model (adapters disabled); ``forward_merged_s`` is None for a method that cannot merge.
 
     The three are timed in turn within each repeat, so that a change in machine load hits all of them alike;
-    there are ``repeats`` rounds after a warm-up, fewer (at least 3) if they exceed ``budget_s``.
+    there are ``repeats`` rounds after a warm-up, fewer (at least 3) if they exceed ``budget_s``. Refuses
+    (``NonFiniteError``) to merge an adapter with a NaN or infinite trainable parameter.
     """
+    require_finite_parameters(model)
     model.eval()
 
     def forward() -> object:
@@ -202,12 +242,33 @@ def forward_times(model: PeftModel, batch: Batch, repeats: int = 10, budget_s: f
     }
 
 
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters with a NaN or infinite entry."""
+    return [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and not bool(torch.isfinite(parameter).all())
+    ]
+
+
+def require_finite_parameters(model: nn.Module) -> None:
+    """Raise ``NonFiniteError`` naming the trainable parameters with NaN or infinite entries, if any."""
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise NonFiniteError(
+            f"{len(bad)} trainable parameters have NaN or infinite entries (e.g. {bad[0]}): a diverged adapter is "
+            "never saved or merged."
+        )
+
+
 def save_adapter(model: PeftModel, folder: Path) -> int:
     """Save the adapter (safetensors) and return the size in bytes of ``adapter_model.safetensors``.
 
     Written to a temporary sibling folder and renamed into place, so ``folder`` is never a half-written adapter
     (a comparison killed while saving leaves only the temporary folder, which the re-run replaces).
+    Refuses (``NonFiniteError``) an adapter with a NaN or infinite trainable parameter.
     """
+    require_finite_parameters(model)
     staging = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
