@@ -3,6 +3,10 @@ with ``accelerate launch`` / ``torchrun`` (DDP; the batch size is per process).
 
 AdamW, linear decay after a linear warm-up, gradient clipping; validation accuracy after every epoch; the
 epoch with the best validation accuracy is restored and evaluated once on the test set.
+
+A run that diverges stops at the first step whose loss or gradient norm is NaN or infinite, before that step
+updates anything (or, if the trained parameters themselves end non-finite, after training); it is then not
+evaluated, and :attr:`TrainResult.diverged_at_step` says where it stopped.
 """
 
 from __future__ import annotations
@@ -46,17 +50,39 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     """What one training run measured (``train_time_s``: wall time of the training epochs, validation excluded;
-    ``step_time_s``: median time of one optimizer step)."""
+    ``step_time_s``: median time of one optimizer step; ``peak_memory_mib``: increase of memory in use during
+    training over its start; ``diverged_at_step``: the 1-based step whose ``nonfinite`` quantity ("loss",
+    "gradient norm" or "parameters") was NaN or infinite, None if training did not diverge)."""
 
     validation_accuracy: list[float] = field(default_factory=list)
     best_epoch: int = 0
-    test_accuracy: float = float("nan")
+    test_accuracy: float | None = None
     train_time_s: float = 0.0
     step_time_s: float = 0.0
     steps: int = 0
     final_train_loss: float = float("nan")
     peak_memory_mib: float = 0.0
     memory_kind: str = ""
+    diverged_at_step: int | None = None
+    nonfinite: str | None = None
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_at_step is not None
+
+
+def _nonfinite(accelerator: Accelerator, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> str | None:
+    """"loss" or "gradient norm" if it is NaN or infinite on any process, else None (same answer everywhere)."""
+    loss = loss.detach()
+    grad_finite = torch.isfinite(grad_norm).to(loss.device) if grad_norm is not None else torch.ones_like(loss).bool()
+    flags = torch.stack([~torch.isfinite(loss), ~grad_finite]).float()
+    if accelerator.num_processes > 1:  # a NaN on one process stops every process at the same step
+        flags = accelerator.reduce(flags, reduction="sum")
+    if flags[0] > 0:
+        return "loss"
+    if flags[1] > 0:
+        return "gradient norm"
+    return None
 
 
 def evaluate(accelerator: Accelerator, model: nn.Module, task: Task, loader: DataLoader) -> float:
@@ -118,7 +144,12 @@ def train_and_evaluate(
                 step_start = time.perf_counter()
                 loss = model(**batch).loss
                 accelerator.backward(loss)
-                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                result.nonfinite = _nonfinite(accelerator, loss, grad_norm)
+                if result.nonfinite is not None:  # stop before this step changes any parameter
+                    result.diverged_at_step = len(step_times) + 1
+                    optimizer.zero_grad(set_to_none=True)
+                    break
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -127,15 +158,22 @@ def train_and_evaluate(
                 progress.update()
                 progress.set_postfix(loss=f"{result.final_train_loss:.3f}", epoch=epoch + 1)
             result.train_time_s += time.perf_counter() - epoch_start
+            if result.diverged:
+                break
             accuracy = evaluate(accelerator, model, task, validation_loader)
             result.validation_accuracy.append(accuracy)
             if epoch == 0 or accuracy > result.validation_accuracy[result.best_epoch]:
                 result.best_epoch, best_state = epoch, _trainable_state(model)
     progress.close()
-    result.step_time_s = statistics.median(step_times)
+    result.step_time_s = statistics.median(step_times) if step_times else 0.0
     result.steps = len(step_times)
     result.peak_memory_mib, result.memory_kind = memory.peak_mib, memory.kind
+    if result.diverged:
+        return result, model
     _restore(model, best_state)
+    if not all(bool(torch.isfinite(p).all()) for p in trainable):  # finite gradients, yet an overflowing update
+        result.diverged_at_step, result.nonfinite = result.steps, "parameters"
+        return result, model
     result.test_accuracy = evaluate(accelerator, model, task, test_loader)
     return result, model
 
