@@ -1,6 +1,11 @@
 """``hirank compare``: train every (method, seed) at a matched adapter-parameter budget and record one JSON line
 per finished run. Re-running the same comparison skips the runs already in the results file.
 
+Several ``hirank compare`` processes on one output folder split the work: each claims a run (an OS file lock,
+see :class:`hirank.bench.results.RunClaim`) before training it, skips runs claimed by others, and then waits for
+those to be recorded, taking over any whose process died. A run whose training diverges (NaN or infinite loss
+or gradient norm) is recorded with status ``diverged`` and the comparison goes on.
+
 Runs unchanged under ``accelerate launch`` / ``torchrun``: every process trains (DDP), the main process measures,
 saves and writes.
 """
@@ -13,6 +18,9 @@ import hashlib
 import json
 import platform
 import re
+import statistics
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +46,7 @@ from .budget import (
 from .measure import effective_rank_of_updates, forgetting, forward_times, save_adapter
 from .methods import METHODS, MethodSpec, UnknownPresetError, available_methods, get_method
 from .models import PACKAGED_MODELS, LoadedModel, load_model
-from .results import RESULTS_FILE, Record, append_record, load_records, run_key
+from .results import DIVERGED, FINISHED, RESULTS_FILE, Record, RunClaim, append_record, load_records, run_id
 from .tasks import ClassificationTask, Splits, Task, general_text, get_task
 from .train import TrainConfig, TrainResult, train_and_evaluate
 
@@ -98,6 +106,7 @@ class RunPlan:
 
 
 TIMING_SEQUENCES = 16
+CLAIM_POLL_S = 2.0  # how often a process waiting for runs claimed by others looks again
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -206,12 +215,11 @@ def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> 
     loaded = _load(options, task, accelerator)
     target, plans = plan_runs(options, loaded, accelerator.num_processes, progress=accelerator.is_main_process)
     del loaded
-    results_path = options.output_dir() / RESULTS_FILE
-    finished = [None]
-    if accelerator.is_main_process:
-        finished = [{run_key(record) for record in load_records(results_path)}]
-    broadcast_object_list(finished)  # every process skips the same runs
-    pending = [plan for plan in plans if (plan.method.name, plan.seed, plan.config_hash) not in finished[0]]
+    folder = options.output_dir()
+    results_path = folder / RESULTS_FILE
+    ids = {plan.run_id for plan in plans}
+    recorded = _recorded(results_path, ids, accelerator)
+    pending = [plan for plan in plans if plan.run_id not in recorded]
     splits = _splits(task, options)
     pairs = general_text(options.general_text_pairs) if accelerator.is_main_process else []
     if accelerator.is_main_process:
@@ -220,12 +228,104 @@ def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> 
             f"validation / {len(splits.test)} test), budget {options.budget} = {target:,} adapter parameters; "
             f"{len(pending)} of {len(plans)} runs to do → {results_path}"
         )
-    for plan in tqdm(pending, desc="runs", disable=not accelerator.is_main_process):
-        record = _run(plan, options, task, splits, pairs, accelerator)
-        if accelerator.is_main_process:
-            append_record(results_path, record)
-    hashes = {plan.config_hash for plan in plans}
-    return [record for record in load_records(results_path) if record["config_hash"] in hashes]
+    progress = tqdm(
+        total=len(pending),
+        desc="runs",
+        unit="run",
+        bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}{postfix}]",  # tqdm's own ETA assumes equal runs
+        disable=not accelerator.is_main_process,
+    )
+    run_seconds: dict[str, list[float]] = {}
+    for record in recorded.values():
+        if record.get("run_time_s") is not None:
+            run_seconds.setdefault(record["method"], []).append(record["run_time_s"])
+    waiting_noted = False
+    while pending:
+        busy: list[RunPlan] = []
+        for index, plan in enumerate(pending):
+            left = [other.method.name for other in busy + pending[index:]]
+            progress.set_postfix_str(eta_text(*estimate_remaining_s(left, run_seconds)))
+            claim = _claim(plan, folder, results_path, accelerator)
+            if claim is None:
+                busy.append(plan)
+                continue
+            try:
+                if claim != "recorded":
+                    record = _run(plan, options, task, splits, pairs, accelerator)
+                    if accelerator.is_main_process:
+                        append_record(results_path, record)
+                        run_seconds.setdefault(plan.method.name, []).append(record["run_time_s"])
+            finally:
+                if isinstance(claim, RunClaim):
+                    claim.release()
+            progress.update()
+        if busy and len(busy) == len(pending):  # every remaining run is being trained by another process
+            if accelerator.is_main_process and not waiting_noted:
+                print(f"hirank compare: waiting for {len(busy)} run(s) claimed by other processes on {folder}")
+                waiting_noted = True
+            time.sleep(CLAIM_POLL_S)
+        pending = busy
+    progress.close()
+    return [record for record in load_records(results_path) if run_id(record) in ids]
+
+
+def _recorded(results_path: Path, ids: set[str], accelerator: Accelerator) -> dict[str, Record]:
+    """The records of runs in ``ids`` already in the results file (read by the main process, shared with all)."""
+    recorded: list[dict[str, Record]] = [{}]
+    if accelerator.is_main_process:
+        recorded = [{run_id(record): record for record in load_records(results_path) if run_id(record) in ids}]
+    broadcast_object_list(recorded)
+    return recorded[0]
+
+
+def _claim(plan: RunPlan, folder: Path, results_path: Path, accelerator: Accelerator) -> RunClaim | str | None:
+    """Claim ``plan``'s run for this comparison process: its held :class:`RunClaim` (an empty string on the other
+    DDP processes) if this process must train it, ``"recorded"`` if it has been recorded meanwhile, None if
+    another live process is training it. Decided by the main process, the same answer on every process."""
+    claim = RunClaim(folder, plan.run_id)
+    decision: list[str | None] = [None]
+    if accelerator.is_main_process:
+        if plan.run_id in _recorded_ids(results_path):
+            decision = ["recorded"]
+        elif claim.try_acquire():
+            # recorded between our look at the file and the claim: the other process finished it and let go
+            decision = ["recorded" if plan.run_id in _recorded_ids(results_path) else "mine"]
+            if decision[0] == "recorded":
+                claim.release()
+    broadcast_object_list(decision)
+    if decision[0] == "mine":
+        return claim if accelerator.is_main_process else ""
+    return decision[0]
+
+
+def _recorded_ids(results_path: Path) -> set[str]:
+    return {run_id(record) for record in load_records(results_path)}
+
+
+def estimate_remaining_s(pending_methods: Sequence[str], run_seconds: Mapping[str, Sequence[float]]) -> tuple[float, int]:
+    """Seconds the pending runs (one method name each) will take, from each method's median measured run time,
+    and how many pending runs are of a method not timed yet (not counted: the seconds are then a lower bound).
+
+    Methods differ in speed by up to an order of magnitude, so one rate for all runs (tqdm's ETA) is off by
+    hours early in a comparison.
+    """
+    seconds, untimed = 0.0, 0
+    for method in pending_methods:
+        if run_seconds.get(method):
+            seconds += statistics.median(run_seconds[method])
+        else:
+            untimed += 1
+    return seconds, untimed
+
+
+def eta_text(seconds: float, untimed: int) -> str:
+    """``"ETA 1:02:03"``; ``"ETA ≥ 0:05:00 (+3 runs not timed yet)"`` while some methods have no measured run."""
+    clock = str(datetime.timedelta(seconds=round(seconds)))
+    if not untimed:
+        return f"ETA {clock}"
+    if seconds == 0:
+        return "ETA ?"
+    return f"ETA ≥ {clock} (+{untimed} runs not timed yet)"
 
 
 def _run(
@@ -236,7 +336,9 @@ def _run(
     pairs: list[tuple[str, str]],
     accelerator: Accelerator,
 ) -> Record:
-    """Train one run on every process; the main process measures and returns its record (others: ``{}``)."""
+    """Train one run on every process; the main process measures and returns its record (others: ``{}``).
+    A diverged run is recorded without measurements and its adapter is not saved."""
+    started = time.perf_counter()
     set_seed(plan.seed)  # head init, adapter init, data order, dropout
     loaded = _load(options, task, accelerator)
     config = plan.method.make_config(loaded.target_modules, plan.match.knobs, modules_to_save=loaded.head_modules)
@@ -250,11 +352,21 @@ def _run(
     params_per_rank = gather_object([adapter_params])
     record: Record = {}
     if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(prepared)
+        if result.diverged:
+            print(
+                f"hirank compare: {description} diverged at step {result.diverged_at_step} ({result.nonfinite} not "
+                "finite): recorded as diverged, adapter not saved; going on."
+            )
+            measured = {"head_params": saved_module_parameters(trained)}
+        else:
+            measured = _measurements(trained, loaded, task, splits, pairs, options, plan, accelerator)
         record = {
             "run_id": plan.run_id,
             "method": plan.method.name,
             "seed": plan.seed,
             "config_hash": plan.config_hash,
+            "status": DIVERGED if result.diverged else FINISHED,
             **{
                 key: plan.settings[key]
                 for key in ("model", "task", "budget", "target_params", "knobs", "target_modules")
@@ -269,9 +381,7 @@ def _run(
             "train_examples": len(splits.train),
             "test_examples": len(splits.test),
             **_training_fields(result),
-            **_measurements(
-                accelerator.unwrap_model(prepared), loaded, task, splits, pairs, options, plan, accelerator
-            ),
+            **measured,
             "versions": {
                 "hirank": hirank.__version__,
                 "peft": peft.__version__,
@@ -280,6 +390,7 @@ def _run(
             },
             "device": f"{accelerator.device.type} ({platform.machine()}, {torch.get_num_threads()} threads)",
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "run_time_s": time.perf_counter() - started,  # load, train, measure, save: for the ETA
         }
     accelerator.wait_for_everyone()
     accelerator.free_memory()
@@ -289,10 +400,12 @@ def _run(
 
 
 def _training_fields(result: TrainResult) -> Record:
+    diverged = {"diverged_at_step": result.diverged_at_step, "diverged_quantity": result.nonfinite}
     return {
+        **(diverged if result.diverged else {}),
         "test_accuracy": result.test_accuracy,
         "validation_accuracy": result.validation_accuracy,
-        "best_epoch": result.best_epoch + 1,
+        "best_epoch": None if result.diverged else result.best_epoch + 1,
         "train_time_s": result.train_time_s,
         "step_time_s": result.step_time_s,
         "steps": result.steps,
