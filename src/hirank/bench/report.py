@@ -1,16 +1,21 @@
 """Turn a results file into ``report.md`` (one row per method and configuration, mean ± std over seeds, the best
 value of each column in bold) and two PNG plots: test accuracy vs trainable parameters, and step time per method.
+
+Each run counts once: records are keyed by run id, and a run recorded twice (e.g. by an older hirank, or by two
+machines sharing a folder without working locks) is reported with a warning and counted once, never averaged in
+as an extra seed. Diverged runs are counted apart and marked in the table and the plots.
 """
 
 from __future__ import annotations
 
+import io
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .methods import METHODS, format_knobs
-from .results import RESULTS_FILE, Record, ResultsFileError, load_records, write_atomically
+from .results import DIVERGED, RESULTS_FILE, Record, ResultsFileError, load_records, run_id, warn, write_atomically
 
 ACCURACY_PLOT = "accuracy_vs_params.png"
 STEP_TIME_PLOT = "step_time.png"
@@ -32,11 +37,12 @@ def _key(name: str, scale: float = 1.0) -> Callable[[Record], float | None]:
 
 
 ADAPTER_PARAMS = Column("adapter params", _key("trainable_params"), "{:,.0f}", spread=False)
+HEAD_PARAMS = Column("head params", _key("head_params"), "{:,.0f}", spread=False)
 TEST_ACCURACY = Column("test acc (%)", _key("test_accuracy", 100), "{:.1f}", "max")
 STEP_TIME = Column("step (ms)", _key("step_time_s", 1000), "{:.0f}", "min")
 COLUMNS = (
     ADAPTER_PARAMS,
-    Column("head params", _key("head_params"), "{:,.0f}", spread=False),
+    HEAD_PARAMS,
     TEST_ACCURACY,
     Column("forgetting", _key("forgetting"), "{:+.4f}", "min"),
     Column("eff. rank ΔW", _key("effective_rank_mean"), "{:.1f}", "max"),
@@ -52,11 +58,24 @@ COLUMNS = (
 
 @dataclass
 class Row:
-    """The runs of one method with one configuration (all seeds)."""
+    """The runs of one method with one configuration (all seeds): ``records`` the finished ones (the means),
+    ``diverged`` those whose training diverged."""
 
     method: str
     knobs: str
     records: list[Record]
+    diverged: list[Record] = field(default_factory=list)
+
+    @property
+    def seeds_text(self) -> str:
+        """``"3"``, or ``"2 + 1 diverged"``."""
+        return f"{len(self.records)} + {len(self.diverged)} diverged" if self.diverged else str(len(self.records))
+
+    def diverged_text(self) -> str:
+        """``"diverged (step 4)"`` / ``"diverged (steps 4, 9)"`` for a row whose every run diverged."""
+        steps = sorted({record.get("diverged_at_step") for record in self.diverged} - {None})
+        where = f" (step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))})" if steps else ""
+        return f"diverged{where}"
 
     def values(self, column: Column) -> list[float]:
         return [v for v in (column.value(record) for record in self.records) if v is not None]
@@ -70,16 +89,32 @@ class Row:
         return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def group_rows(records: list[Record]) -> list[Row]:
-    """One row per (method, configuration), in the method table's order."""
-    groups: dict[tuple[str, str], list[Record]] = {}
+def unique_runs(records: list[Record]) -> list[Record]:
+    """The first record of every run id, with a warning for each run recorded more than once."""
+    first: dict[str, Record] = {}
+    counts: dict[str, int] = {}
     for record in records:
+        key = run_id(record)
+        first.setdefault(key, record)
+        counts[key] = counts.get(key, 0) + 1
+    for key, count in counts.items():
+        if count > 1:
+            warn(f"run {key} is recorded {count} times in {RESULTS_FILE}; the report counts it once (first record).")
+    return list(first.values())
+
+
+def group_rows(records: list[Record]) -> list[Row]:
+    """One row per (method, configuration), in the method table's order; each run id counted once."""
+    groups: dict[tuple[str, str], list[Record]] = {}
+    for record in unique_runs(records):
         groups.setdefault((record["method"], record["config_hash"]), []).append(record)
     order = list(METHODS)
-    rows = [
-        Row(method, format_knobs(runs[0]["knobs"]), sorted(runs, key=lambda r: r["seed"]))
-        for (method, _), runs in groups.items()
-    ]
+    rows = []
+    for (method, _), runs in groups.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        diverged = [run for run in runs if run.get("status") == DIVERGED]
+        finished = [run for run in runs if run.get("status") != DIVERGED]
+        rows.append(Row(method, format_knobs(runs[0]["knobs"]), finished, diverged))
     return sorted(rows, key=lambda row: (order.index(row.method) if row.method in order else len(order), row.knobs))
 
 
@@ -97,6 +132,11 @@ def markdown_table(rows: list[Row]) -> str:
         cells = []
         for column in COLUMNS:
             mean = row.mean(column)
+            if mean is None and column is TEST_ACCURACY and row.diverged:
+                cells.append(row.diverged_text())
+                continue
+            if mean is None and column in (ADAPTER_PARAMS, HEAD_PARAMS) and row.diverged:
+                mean = Row(row.method, row.knobs, row.diverged).mean(column)  # known without finishing
             if mean is None:
                 cells.append("—")
                 continue
@@ -107,7 +147,7 @@ def markdown_table(rows: list[Row]) -> str:
                 best[column.header]
             )
             cells.append(f"**{text}**" if is_best and len(rows) > 1 else text)
-        lines.append(f"| {row.method} | {row.knobs} | {len(row.records)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row.method} | {row.knobs} | {row.seeds_text} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -119,11 +159,23 @@ def _plot_accuracy(rows: list[Row], path: Path) -> None:
     markers = "osD^vP*Xh<>"
     counts = []
     for index, row in enumerate(rows):
-        x, y = row.mean(ADAPTER_PARAMS), row.mean(TEST_ACCURACY)
+        label = row.method if len({r.method for r in rows}) == len(rows) else f"{row.method} ({row.knobs})"
+        y = row.mean(TEST_ACCURACY)
+        if y is None and row.diverged:  # every seed diverged: a cross at the bottom, at its parameter count
+            x = Row(row.method, row.knobs, row.diverged).mean(ADAPTER_PARAMS)
+            if x is not None:
+                counts.append(x)
+                axes.plot(
+                    [x], [0.03], "x", color="red", markersize=10, transform=axes.get_xaxis_transform(),
+                    label=f"{label}: {row.diverged_text()}",
+                )
+            continue
+        x = row.mean(ADAPTER_PARAMS)
         if x is None or y is None:
             continue
         counts.append(x)
-        label = row.method if len({r.method for r in rows}) == len(rows) else f"{row.method} ({row.knobs})"
+        if row.diverged:
+            label += f" ({len(row.diverged)} diverged)"
         axes.errorbar(
             x, y, yerr=row.std(TEST_ACCURACY), fmt=markers[index % len(markers)], markersize=8, capsize=4, label=label
         )
@@ -135,9 +187,18 @@ def _plot_accuracy(rows: list[Row], path: Path) -> None:
     axes.set_title("Accuracy vs trainable parameters")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8, loc="best")
+    _save(figure, path)
+
+
+def _save(figure: object, path: Path) -> None:
+    """Write the figure as PNG atomically (a concurrent ``report`` never leaves a mixed file), and close it."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=120)
     plt.close(figure)
+    write_atomically(path, png.getvalue())
 
 
 def _plot_step_time(rows: list[Row], path: Path) -> None:
@@ -147,14 +208,32 @@ def _plot_step_time(rows: list[Row], path: Path) -> None:
         row.method if len({r.method for r in rows}) == len(rows) else f"{row.method}\n{row.knobs}" for row in rows
     ]
     figure, axes = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 2), 4.0))
-    axes.bar(labels, [row.mean(STEP_TIME) or 0.0 for row in rows], yerr=[row.std(STEP_TIME) for row in rows], capsize=4)
+    bars = axes.bar(
+        labels, [row.mean(STEP_TIME) or 0.0 for row in rows], yerr=[row.std(STEP_TIME) for row in rows], capsize=4
+    )
+    for bar, row in zip(bars, rows, strict=True):
+        if row.diverged:
+            text = "diverged" if not row.records else f"{len(row.diverged)} diverged"
+            axes.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                          color="red", fontsize=8, xytext=(0, 2), textcoords="offset points")
     axes.set_ylabel("median optimizer step time (ms)")
     axes.set_title("Training step time per method")
     axes.grid(True, axis="y", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
+
+MEMORY_LEGEND = {
+    "cpu_peak_rss_increase": "increase of the process's resident memory (CPU, sampled every 20 ms) during training "
+    "over its value when that run's training started (model loaded; memory freed by earlier runs handed back to the "
+    "OS first): activations, gradients and optimizer state, not the base weights, whatever the run's position in "
+    "the process",
+    "cuda_max_allocated_increase": "increase of peak CUDA allocated memory during training over the memory allocated "
+    "when that run's training started (model loaded): activations, gradients and optimizer state, not the base "
+    "weights",
+    "cpu_peak_rss": "peak resident memory of the whole process (CPU; older records: it includes what earlier runs "
+    "of the process left behind)",
+    "cuda_max_allocated": "peak CUDA memory allocated (older records: base weights included)",
+}
 
 _NOTES = """\
 - **adapter params**: trainable parameters of the adapters, the matched budget (the target is {target:,}); \
@@ -166,6 +245,7 @@ the adapters enabled minus disabled; encoders: in-batch contrastive sentence-emb
 next-token loss. Lower is better; 0 means nothing forgotten.
 - **eff. rank ΔW**: numerical rank of each adapted layer's dense update, mean over layers.
 - **train time**: wall time of the training epochs; **step**: median optimizer step; **peak mem**: {memory}.
+- **seeds**: finished runs (the means); "+ N diverged": runs stopped at the first step whose loss or gradient norm was NaN or infinite (not in the means, no adapter saved; marked in the plots).
 - **fwd**: median forward time of one 16-example test batch with the adapters unmerged, merged into the \
 weights (— if the method cannot merge), and of the base model.
 """
@@ -174,24 +254,25 @@ weights (— if the method cannot merge), and of the base model.
 def build_report(folder: Path) -> str:
     """Write ``report.md`` and the plots for the results in ``folder``; returns the markdown table."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ResultsFileError(f"folder {folder} not found.")
     records = load_records(folder / RESULTS_FILE)
     if not records:
         raise ResultsFileError(f"no finished runs in {folder / RESULTS_FILE}.")
     rows = group_rows(records)
+    records = [record for row in rows for record in row.records + row.diverged]  # each run once
     table = markdown_table(rows)
     _plot_accuracy(rows, folder / ACCURACY_PLOT)
     _plot_step_time(rows, folder / STEP_TIME_PLOT)
     first = records[0]
-    memory = (
-        "peak resident memory of the process (CPU)"
-        if first.get("memory_kind") == "cpu_peak_rss"
-        else "peak CUDA memory allocated"
-    )
+    kinds = sorted({record.get("memory_kind") or "cpu_peak_rss" for record in records})
+    memory = "; ".join(MEMORY_LEGEND.get(kind, kind) for kind in kinds)
+    diverged = sum(record.get("status") == DIVERGED for record in records)
     text = "\n".join(
         [
             f"# hirank compare: {first['model']} on {first['task']}, budget {first['budget']}",
             "",
-            f"{len(records)} runs; {first.get('train_examples', '?')} training and {first.get('test_examples', '?')} "
+            f"{len(records)} runs{f' ({diverged} diverged)' if diverged else ''}; {first.get('train_examples', '?')} training and {first.get('test_examples', '?')} "
             f"test examples; {first.get('world_size', 1)} process(es) on {first.get('device', '?')}.",
             "",
             table,
