@@ -245,28 +245,32 @@ def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> 
         for index, plan in enumerate(pending):
             left = [other.method.name for other in busy + pending[index:]]
             progress.set_postfix_str(eta_text(*estimate_remaining_s(left, run_seconds)))
-            claim = _claim(plan, folder, results_path, accelerator)
-            if claim is None:
+            decision, claim = _claim(plan, folder, results_path, accelerator)
+            if decision == "busy":
                 busy.append(plan)
                 continue
             try:
-                if claim != "recorded":
+                if decision == "train":
                     record = _run(plan, options, task, splits, pairs, accelerator)
                     if accelerator.is_main_process:
                         append_record(results_path, record)
                         run_seconds.setdefault(plan.method.name, []).append(record["run_time_s"])
             finally:
-                if isinstance(claim, RunClaim):
+                if claim is not None:
                     claim.release()
             progress.update()
         if busy and len(busy) == len(pending):  # every remaining run is being trained by another process
             if accelerator.is_main_process and not waiting_noted:
-                print(f"hirank compare: waiting for {len(busy)} run(s) claimed by other processes on {folder}")
+                holders = sorted({RunClaim(folder, plan.run_id).holder() or "?" for plan in busy})
+                print(
+                    f"hirank compare: waiting for {len(busy)} run(s) that other processes are training "
+                    f"(pid host: {', '.join(holders)}); a run whose process dies is taken over."
+                )
                 waiting_noted = True
             time.sleep(CLAIM_POLL_S)
         pending = busy
     progress.close()
-    return [record for record in load_records(results_path) if run_id(record) in ids]
+    return [record for record in load_records(results_path, warn_skipped=False) if run_id(record) in ids]
 
 
 def _recorded(results_path: Path, ids: set[str], accelerator: Accelerator) -> dict[str, Record]:
@@ -278,31 +282,32 @@ def _recorded(results_path: Path, ids: set[str], accelerator: Accelerator) -> di
     return recorded[0]
 
 
-def _claim(plan: RunPlan, folder: Path, results_path: Path, accelerator: Accelerator) -> RunClaim | str | None:
-    """Claim ``plan``'s run for this comparison process: its held :class:`RunClaim` (an empty string on the other
-    DDP processes) if this process must train it, ``"recorded"`` if it has been recorded meanwhile, None if
-    another live process is training it. Decided by the main process, the same answer on every process."""
+def _claim(plan: RunPlan, folder: Path, results_path: Path, accelerator: Accelerator) -> tuple[str, RunClaim | None]:
+    """Whether this comparison process must ``"train"`` ``plan``'s run (with the held claim on the main process),
+    finds it ``"recorded"`` meanwhile, or finds it ``"busy"`` (another live process is training it). Decided by
+    the main process, the same answer on every DDP process."""
     claim = RunClaim(folder, plan.run_id)
-    decision: list[str | None] = [None]
+    decision = ["busy"]
     if accelerator.is_main_process:
         if plan.run_id in _recorded_ids(results_path):
             decision = ["recorded"]
         elif claim.try_acquire():
             # recorded between our look at the file and the claim: the other process finished it and let go
-            decision = ["recorded" if plan.run_id in _recorded_ids(results_path) else "mine"]
-            if decision[0] == "recorded":
-                claim.release()
+            decision = ["recorded" if plan.run_id in _recorded_ids(results_path) else "train"]
     broadcast_object_list(decision)
-    if decision[0] == "mine":
-        return claim if accelerator.is_main_process else ""
-    return decision[0]
+    if decision[0] != "train" or not accelerator.is_main_process:
+        claim.release()
+        return decision[0], None
+    return decision[0], claim
 
 
 def _recorded_ids(results_path: Path) -> set[str]:
-    return {run_id(record) for record in load_records(results_path)}
+    return {run_id(record) for record in load_records(results_path, warn_skipped=False)}  # warned once at start
 
 
-def estimate_remaining_s(pending_methods: Sequence[str], run_seconds: Mapping[str, Sequence[float]]) -> tuple[float, int]:
+def estimate_remaining_s(
+    pending_methods: Sequence[str], run_seconds: Mapping[str, Sequence[float]]
+) -> tuple[float, int]:
     """Seconds the pending runs (one method name each) will take, from each method's median measured run time,
     and how many pending runs are of a method not timed yet (not counted: the seconds are then a lower bound).
 

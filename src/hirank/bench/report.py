@@ -245,7 +245,8 @@ the adapters enabled minus disabled; encoders: in-batch contrastive sentence-emb
 next-token loss. Lower is better; 0 means nothing forgotten.
 - **eff. rank ΔW**: numerical rank of each adapted layer's dense update, mean over layers.
 - **train time**: wall time of the training epochs; **step**: median optimizer step; **peak mem**: {memory}.
-- **seeds**: finished runs (the means); "+ N diverged": runs stopped at the first step whose loss or gradient norm was NaN or infinite (not in the means, no adapter saved; marked in the plots).
+- **seeds**: finished runs (the means); "+ N diverged": runs stopped at the first step whose loss or gradient \
+norm was NaN or infinite (not in the means, no adapter saved; marked in the plots).
 - **fwd**: median forward time of one 16-example test batch with the adapters unmerged, merged into the \
 weights (— if the method cannot merge), and of the base model.
 """
@@ -272,7 +273,8 @@ def build_report(folder: Path) -> str:
         [
             f"# hirank compare: {first['model']} on {first['task']}, budget {first['budget']}",
             "",
-            f"{len(records)} runs{f' ({diverged} diverged)' if diverged else ''}; {first.get('train_examples', '?')} training and {first.get('test_examples', '?')} "
+            f"{len(records)} runs{f' ({diverged} diverged)' if diverged else ''}; "
+            f"{first.get('train_examples', '?')} training and {first.get('test_examples', '?')} "
             f"test examples; {first.get('world_size', 1)} process(es) on {first.get('device', '?')}.",
             "",
             table,

@@ -21,8 +21,6 @@ import logging
 import math
 import os
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +94,9 @@ def run_id(record: Record) -> str:
     return record.get("run_id") or f"{record['method']}-seed{record['seed']}-{record['config_hash']}"
 
 
-def load_records(path: Path) -> list[Record]:
+def load_records(path: Path, warn_skipped: bool = True) -> list[Record]:
     """All usable records of a results file, in file order (none if it does not exist); lines that are not
-    a valid record are skipped with a warning naming the line and what is wrong with it."""
+    a valid record are skipped, with a warning naming the line and what is wrong with it if ``warn_skipped``."""
     try:
         with open(path, "rb") as file:
             fcntl.flock(file, fcntl.LOCK_SH)  # never read a line another process is writing
@@ -112,11 +110,12 @@ def load_records(path: Path) -> list[Record]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            warn(f"{path}:{number} skipped: not valid JSON ({error.msg}).")
-            continue
-        problem = record_problem(record)
+            problem = f"not valid JSON ({error.msg})"
+        else:
+            problem = record_problem(record)
         if problem is not None:
-            warn(f"{path}:{number} skipped: {problem}.")
+            if warn_skipped:
+                warn(f"{path}:{number} skipped: {problem}.")
             continue
         records.append(record)
     return records
@@ -213,12 +212,3 @@ class RunClaim:
             os.close(self._descriptor)
             self._descriptor = None
 
-
-@contextmanager
-def claimed(folder: Path, run: str) -> Iterator[bool]:
-    """``with claimed(folder, run_id) as mine:`` — ``mine`` is True if this process now holds the run."""
-    claim = RunClaim(folder, run)
-    try:
-        yield claim.try_acquire()
-    finally:
-        claim.release()
