@@ -222,39 +222,46 @@ def _nan_loss_from_step(model: nn.Module, step: int) -> None:
     model.register_forward_hook(hook)
 
 
-def test_a_diverging_run_is_recorded_as_diverged_and_the_comparison_goes_on(
+def test_diverging_runs_are_recorded_as_diverged_and_the_comparison_goes_on(
     tmp_path: Path, fake_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not OTHER_METHODS:
         pytest.skip("only LoRA is available in this build")
+    other = OTHER_METHODS[0]
     real_train = compare_module.train_and_evaluate
     trained = []
 
-    def train_with_nan_lora(accelerator, model, *args, **kwargs):
+    def train_with_a_nan_loss(accelerator, model, *args, **kwargs):
         trained.append(args[-1])
-        if args[-1].startswith("lora "):
+        if args[-1] == f"{other} seed 0":
             _nan_loss_from_step(model, 2)
         return real_train(accelerator, model, *args, **kwargs)
 
-    monkeypatch.setattr(compare_module, "train_and_evaluate", train_with_nan_lora)
+    monkeypatch.setattr(compare_module, "train_and_evaluate", train_with_a_nan_loss)
     options = CompareOptions(
-        model="tiny-bert", task="sst2", methods=("lora", OTHER_METHODS[0]), seeds=1, epochs=2, batch_size=8,
-        max_length=16, train_limit=24, eval_limit=8, general_text_pairs=16, out=tmp_path / "out",
+        model="tiny-bert", task="sst2", methods=("lora", other), learning_rates={"lora": 1e30}, seeds=2, epochs=2,
+        batch_size=8, max_length=16, train_limit=24, eval_limit=8, general_text_pairs=16, out=tmp_path / "out",
     )  # fmt: skip
-    lora, other = sorted(compare(options), key=lambda record: record["method"] != "lora")
-    assert lora["status"] == "diverged" and lora["diverged_at_step"] == 2 and lora["diverged_quantity"] == "loss"
-    assert lora["steps"] == 1 and lora["test_accuracy"] is None and "effective_rank_mean" not in lora
-    assert not (options.output_dir() / "adapters" / lora["run_id"]).exists()  # never saved
-    assert other["status"] == "finished" and 0 <= other["test_accuracy"] <= 1 and other["run_time_s"] > 0
-    assert (options.output_dir() / "adapters" / other["run_id"]).is_dir()
+    records = {(record["method"], record["seed"]): record for record in compare(options)}
+    adapters = options.output_dir() / "adapters"
+    for seed in range(2):  # a learning rate of 1e30: the weights overflow after the first step
+        lora = records["lora", seed]
+        assert lora["status"] == "diverged" and lora["diverged_at_step"] in (2, 3) and lora["test_accuracy"] is None
+        assert not (adapters / lora["run_id"]).exists()  # never saved
+    nan_loss, finished = records[other, 0], records[other, 1]
+    assert nan_loss["status"] == "diverged" and nan_loss["diverged_quantity"] == "loss"
+    assert nan_loss["diverged_at_step"] == 2 and nan_loss["steps"] == 1 and "effective_rank_mean" not in nan_loss
+    assert not (adapters / nan_loss["run_id"]).exists()
+    assert finished["status"] == "finished" and 0 <= finished["test_accuracy"] <= 1 and finished["run_time_s"] > 0
+    assert (adapters / finished["run_id"]).is_dir()
     text = (options.output_dir() / RESULTS_FILE).read_text()
     assert "NaN" not in text and "Infinity" not in text  # strict JSON
     table = _table_rows(build_report(options.output_dir()))
-    assert table["lora"][1] == "0 + 1 diverged" and table["lora"][4] == "diverged (step 2)"
-    assert table["lora"][2] == f"{lora['trainable_params']:,}"
-    assert "diverged" not in " ".join(table[OTHER_METHODS[0]])
+    assert table["lora"][1] == "0 + 2 diverged" and table["lora"][4].startswith("diverged (step")
+    assert table["lora"][2] == f"{records['lora', 0]['trainable_params']:,}"
+    assert table[other][1] == "1 + 1 diverged" and float(table[other][4].strip("*")) == 100 * finished["test_accuracy"]
     trained.clear()
-    assert len(compare(options)) == 2 and trained == []  # a re-run does not retry (and crash on) the diverged run
+    assert len(compare(options)) == 4 and trained == []  # a re-run does not retry (and crash on) diverged runs
 
 
 def test_non_finite_updates_are_refused_clearly(tmp_path: Path) -> None:

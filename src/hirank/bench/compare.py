@@ -269,6 +269,7 @@ def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> 
                 waiting_noted = True
             time.sleep(CLAIM_POLL_S)
         pending = busy
+    progress.set_postfix_str("done")
     progress.close()
     return [record for record in load_records(results_path, warn_skipped=False) if run_id(record) in ids]
 
