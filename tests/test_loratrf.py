@@ -164,7 +164,7 @@ def test_every_parameter_group_gets_gradient_by_step_2_and_the_loss_falls(knobs)
 @pytest.mark.parametrize("knobs, message", [
     ({"similarity": "l2"}, "similarity must be one of"),
     ({"filter_transform": "circulant"}, "filter_transform must be one of"),
-    ({"filter_rank": 0}, r"filter_rank \(k\) must be a positive integer"),
+    ({"filter_rank": 0}, r"filter_rank must be a positive integer"),
     ({"filter_modules": []}, "plain LoRA"),
     ({"filter_positions": "first3"}, "filter_positions must be 'all' or"),
     ({"filter_positions": "f0"}, "p \\+ s > 0"),

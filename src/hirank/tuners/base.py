@@ -27,6 +27,8 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ._validate import FieldCheck, is_integer
+
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 
 
@@ -54,7 +56,7 @@ class HirankConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Name of the layer list used with layers_to_transform (e.g. 'layers')."}
     )
-    init_weights: Union[bool, str] = field(
+    init_weights: bool = field(
         default=True,
         metadata={
             "help": "True: the method's paper init, with ΔW = 0 so the model starts unchanged. "
@@ -64,9 +66,21 @@ class HirankConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.target_modules, list):
+        check = FieldCheck(self)
+        for name in ("target_modules", "exclude_modules"):
+            check.module_names(name)
+        check.module_names("modules_to_save", regex=False)
+        layers = "None, a layer index ≥ 0 or a non-empty list of them"
+        if is_integer(self.layers_to_transform):
+            self.layers_to_transform = check.integer("layers_to_transform", minimum=0, expected=layers)
+        else:
+            self.layers_to_transform = check.integers("layers_to_transform", min_length=1, minimum=0, expected=layers)
+        check.module_names("layers_pattern", expected="None, a name or a list of names (e.g. 'layers')")
+        check.flag("init_weights", "True (the paper's init: ΔW = 0, the model starts unchanged) or False (random "
+                   "ΔW ≠ 0); hirank has no named inits such as 'gaussian'")
+        if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
+        if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
