@@ -27,6 +27,7 @@ COMMON_BAD = [
     ("layers_to_transform", []), ("layers_to_transform", 1.0),
     ("layers_pattern", 3), ("layers_pattern", ["layers", 0]),
     ("init_weights", "gaussian"), ("init_weights", "pissa"), ("init_weights", 1), ("init_weights", None),
+    ("hirank_version", 1), ("requires", 3),
 ]
 
 # (config, field, value that must be refused): each field of each method at least once

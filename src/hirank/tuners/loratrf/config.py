@@ -34,6 +34,10 @@ class LoraTRFConfig(HirankConfig):
 
     Each open question of spec §2.6 is a knob; the defaults follow spec §2.3 and the issue.
 
+    Saving and loading: ``model.save_pretrained(folder)`` writes every field; loading needs ``import hirank``
+    before ``PeftModel.from_pretrained`` (it registers the method with peft; without it peft raises
+    ``KeyError: 'HIRANK_LORATRF'``), which the saved adapter_config.json and README.md also say.
+
     Args:
         r: rank of the LoRA part (paper: r).
         lora_alpha: the LoRA part is scaled by lora_alpha / r (paper: α).

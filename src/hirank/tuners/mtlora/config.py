@@ -19,6 +19,10 @@ class MTLoraConfig(HirankConfig):
     transformation T between LoRA's factors; T = I is exactly LoRA. Mergeable, r(d_in + d_out) + r²
     parameters per layer (SHIM, ICFM) or r(d_in + d_out) + 2r² (CTCM, DTSM).
 
+    Saving and loading: ``model.save_pretrained(folder)`` writes every field; loading needs ``import hirank``
+    before ``PeftModel.from_pretrained`` (it registers the method with peft; without it peft raises
+    ``KeyError: 'HIRANK_MTLORA'``), which the saved adapter_config.json and README.md also say.
+
     Args:
         r: rank of the update (paper: r).
         lora_alpha: scaling numerator; the update is scaled by lora_alpha / r (paper: α).

@@ -18,6 +18,10 @@ class QuantaConfig(HirankConfig):
     of the reshaped hidden vector, minus a frozen copy of its random initial value. High (full) rank,
     Σ_{a<b}(n_a n_b)² parameters per layer, no scaling factor, mergeable.
 
+    Saving and loading: ``model.save_pretrained(folder)`` writes every field; loading needs ``import hirank``
+    before ``PeftModel.from_pretrained`` (it registers the method with peft; without it peft raises
+    ``KeyError: 'HIRANK_QUANTA'``), which the saved adapter_config.json and README.md also say.
+
     Args:
         n_axes: D, the number of tensor axes (paper: the length of ``per_dim_features``). Used when
             ``factors`` is not given: each dimension gets its most balanced D-way factorization, or fewer

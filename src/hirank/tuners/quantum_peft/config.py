@@ -22,6 +22,10 @@ class QuantumPeftConfig(HirankConfig):
     Pauli parameterization is implemented: the paper's truncated-Taylor variant (spec §2.4) is not
     exactly orthogonal, and its exact form could not be confirmed from the paper.
 
+    Saving and loading: ``model.save_pretrained(folder)`` writes every field; loading needs ``import hirank``
+    before ``PeftModel.from_pretrained`` (it registers the method with peft; without it peft raises
+    ``KeyError: 'HIRANK_QUANTUM_PEFT'``), which the saved adapter_config.json and README.md also say.
+
     Args:
         rank: K, the intrinsic rank (columns of U and V, entries of Λ); ≤ min(d_in, d_out) of every layer.
         n_layers: L, the number of alternating RY/CZ entangling layers of each circuit.

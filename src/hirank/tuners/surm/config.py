@@ -24,6 +24,10 @@ class SurmConfig(HirankConfig):
     circulant 2N (c = a ⊙ b), Toeplitz m+n−1, Kronecker m+n, LDR 2·r·N; the adapter placement uses a
     square S on the d = m outputs plus a bias of d.
 
+    Saving and loading: ``model.save_pretrained(folder)`` writes every field; loading needs ``import hirank``
+    before ``PeftModel.from_pretrained`` (it registers the method with peft; without it peft raises
+    ``KeyError: 'HIRANK_SURM'``), which the saved adapter_config.json and README.md also say.
+
     Args:
         structure: ``"circulant"`` (Circ(a ⊙ b), spec §3.2a), ``"toeplitz"`` (one general Toeplitz matrix
             with m+n−1 diagonals, §3.3; the authors' code multiplies two symmetric ones), ``"kronecker"``
