@@ -78,12 +78,12 @@ class FieldCheck:
             self.fail(name, expected, verb)
         return [int(v) for v in value]
 
-    def module_names(self, name: str, regex: bool = True, expected: Optional[str] = None) -> Any:
-        """None, a string (a regex if ``regex``), or a list/set/tuple of module-name strings (kept as given)."""
+    def module_names(self, name: str, allow_string: bool = True,
+                     expected: str = "None, a regex string or a list of module names") -> Any:
+        """None, a string (if ``allow_string``), or a list/set/tuple of strings (kept as given)."""
         value = getattr(self._config, name)
-        if value is None or isinstance(value, str) and (regex or expected):
+        if value is None or (allow_string and isinstance(value, str)):
             return value
         if not isinstance(value, (list, set, tuple)) or not all(isinstance(v, str) for v in value):
-            self.fail(name, expected or ("None, a regex string or a list of module names" if regex else
-                                         "None or a list of module names"))
+            self.fail(name, expected)
         return value

@@ -82,7 +82,7 @@ class HirankConfig(PeftConfig):
         metadata={"help": "What loading this adapter needs (informational; always set to hirank's current text)."},
     )
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "HirankConfig":
+    def __new__(cls, *args: Any, **kwargs: Any) -> HirankConfig:
         if "peft_type" in kwargs:  # built from a saved adapter_config.json: peft passes every stored key
             warn_missing_fields(cls, kwargs, cls.informational_fields)
         return super().__new__(cls)
@@ -101,7 +101,7 @@ class HirankConfig(PeftConfig):
         self.requires = REQUIRES
         for name in ("target_modules", "exclude_modules"):
             check.module_names(name)
-        check.module_names("modules_to_save", regex=False)
+        check.module_names("modules_to_save", allow_string=False, expected="None or a list of module names")
         layers = "None, a layer index ≥ 0 or a non-empty list of them"
         if is_integer(self.layers_to_transform):
             self.layers_to_transform = check.integer("layers_to_transform", minimum=0, expected=layers)
@@ -118,7 +118,6 @@ class HirankConfig(PeftConfig):
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a regex string.")
-
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """adapter_config.json (every field, by peft), plus the loading section of the folder's README.md."""

@@ -111,8 +111,8 @@ class LoraTRFConfig(HirankConfig):
         first, last = (int(match[g] or 0) for g in ("first", "last")) if match else (0, 0)
         if not match or first + last == 0 or ("+" in self.filter_positions) != bool(match["first"] and match["last"]):
             raise ValueError(
-                f"LoraTRFConfig: filter_positions must be 'all' or 'f<p>', 'l<s>', 'f<p>+l<s>' with p + s > 0 (e.g. 'f7+l7'), "
-                f"got {self.filter_positions!r}."
+                "LoraTRFConfig: filter_positions must be 'all' or 'f<p>', 'l<s>', 'f<p>+l<s>' with p + s > 0 "
+                f"(e.g. 'f7+l7'), got {self.filter_positions!r}."
             )
         return first, last
 
