@@ -1,4 +1,4 @@
-"""The invariant battery of DESIGN.md (items 1-10), as checks that raise AssertionError.
+"""The invariant battery of DESIGN.md (items 1-12), as checks that raise AssertionError.
 
 Each ``check_*`` takes a method case and a tiny model; ``test_battery.py`` runs every check on
 every case × model, and ``test_battery_catches_bugs.py`` shows each check fails on a broken method.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from hirank.analysis import trainable_parameters
 from tests.cases import MethodCase
-from tests.tiny_models import DEVICE, TinyModel
+from tests.tiny_models import DEVICE, VOCAB, TinyModel
 
 
 def make_peft(case: MethodCase, tiny: TinyModel, init_weights: bool = True, dtype: torch.dtype | None = None,
@@ -232,3 +233,74 @@ def check_mismatched_adapter_load_raises(case: MethodCase, tiny: TinyModel, othe
     make_peft(case, tiny, init_weights=False).save_pretrained(directory)
     with pytest.raises((RuntimeError, ValueError), match="size|shape"):
         PeftModel.from_pretrained(other.build(), directory)
+
+
+# 11 --------------------------------------------------------------------------------------------
+def _float_inputs(model: nn.Module, tiny: TinyModel) -> dict[str, torch.Tensor]:
+    """Three samples as a float tensor (token models get their embeddings), so one can be set to NaN."""
+    if "x" in tiny.inputs():
+        return tiny.inputs()
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(0, VOCAB, (3, 7), generator=generator).to(DEVICE)
+    return {"inputs_embeds": model.get_base_model().get_input_embeddings()(input_ids)}
+
+
+def check_batch_independence(case: MethodCase, tiny: TinyModel) -> None:
+    """One sample set to NaN, or scaled by 1e6, leaves every other sample's output as it was (to 1e-6)."""
+    model = make_peft(case, tiny, init_weights=False)
+    with torch.no_grad():
+        inputs = _float_inputs(model, tiny)
+        (key, clean), = inputs.items()
+        expected = tiny.output(model, inputs)
+        assert torch.isfinite(expected).all(), "non-finite output on clean inputs"
+        for what, poison in (("NaN", lambda t: torch.full_like(t, float("nan"))), ("×1e6", lambda t: t * 1e6)):
+            poisoned = clean.clone()
+            poisoned[0] = poison(clean[0])
+            actual = tiny.output(model, {key: poisoned})
+            _assert_close(actual[1:], expected[1:], 1e-6, f"sample 0 set to {what} changed the other samples")
+
+
+# 12 --------------------------------------------------------------------------------------------
+def _assert_torn_down(model: nn.Module, tiny: TinyModel, inputs: dict, base_out: torch.Tensor,
+                      adapted_out: torch.Tensor, what: str) -> None:
+    """A torn-down model holds no peft layer and computes either the base or the adapted model."""
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules()), f"{what} left peft layers"
+    output = tiny.output(model, inputs)
+    errors = {"base": (output - base_out).abs().max().item(), "adapted": (output - adapted_out).abs().max().item()}
+    assert min(errors.values()) <= 1e-5, f"{what} gives neither the base nor the adapted model (max abs error {errors})"
+
+
+def _call_or_refusal(call: Callable[[], Any]) -> tuple[Any, Optional[Exception]]:
+    """(result, None), or (None, error) for a clear refusal: a ValueError/RuntimeError that says what cannot be
+    merged. Any other exception (AttributeError, KeyError, ...) is a crash and propagates."""
+    try:
+        return call(), None
+    except (ValueError, RuntimeError) as error:
+        assert "merge" in str(error), f"refusal does not say what cannot be done: {error}"
+        return None, error
+
+
+def check_teardown(case: MethodCase, tiny: TinyModel) -> None:
+    """merge_and_unload twice, merge_adapter then unload, unload alone: each gives the base or the adapted
+    model, or refuses clearly (and leaves the model adapted); never another error. unload alone gives the base."""
+    inputs = tiny.inputs()
+    with torch.no_grad():
+        base_out = tiny.output(tiny.build(), inputs)
+        adapted_out = tiny.output(make_peft(case, tiny, init_weights=False), inputs)
+
+        model = make_peft(case, tiny, init_weights=False)
+        for attempt in ("first", "second"):
+            unloaded, refusal = _call_or_refusal(model.merge_and_unload)
+            if refusal is None:
+                _assert_torn_down(unloaded, tiny, inputs, base_out, adapted_out, f"the {attempt} merge_and_unload()")
+            else:
+                _assert_close(tiny.output(model, inputs), adapted_out, 1e-5, "output after a refused merge_and_unload")
+
+        model = make_peft(case, tiny, init_weights=False)
+        if _call_or_refusal(model.merge_adapter)[1] is not None:
+            _assert_close(tiny.output(model, inputs), adapted_out, 1e-5, "output after a refused merge_adapter")
+        _assert_torn_down(model.unload(), tiny, inputs, base_out, adapted_out, "merge_adapter() then unload()")
+
+        unloaded = make_peft(case, tiny, init_weights=False).unload()
+        _assert_torn_down(unloaded, tiny, inputs, base_out, adapted_out, "unload()")
+        _assert_close(tiny.output(unloaded, inputs), base_out, 1e-6, "unload() alone must give the base model")

@@ -1,4 +1,4 @@
-"""The invariant battery (DESIGN.md items 1-10) on every method case × tiny model."""
+"""The invariant battery (DESIGN.md items 1-12) on every method case × tiny model."""
 
 from __future__ import annotations
 
@@ -64,6 +64,12 @@ class TestInvariants:
         if not case.strict_targets:
             pytest.skip(f"{case.id} is peft's own method, which skips unmatched targets silently")
         invariants.check_unknown_target_raises(case, tiny)
+
+    def test_11_batch_independence(self, case: MethodCase, tiny: TinyModel) -> None:
+        invariants.check_batch_independence(case, tiny)
+
+    def test_12_teardown(self, case: MethodCase, tiny: TinyModel) -> None:
+        invariants.check_teardown(case, tiny)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

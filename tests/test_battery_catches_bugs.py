@@ -138,3 +138,37 @@ def test_10_fails_when_a_mismatched_adapter_loads(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.nn.Module, "load_state_dict", lambda self, *args, **kwargs: _IncompatibleKeys([], []))
     with pytest.raises(pytest.fail.Exception, match="DID NOT RAISE"):
         invariants.check_mismatched_adapter_load_raises(LORA, MLP, RESIZED_MLP, tmp_path)
+
+
+def test_11_fails_when_samples_mix(monkeypatch):
+    original = lora.layer.Linear.forward
+
+    def mix_the_batch(self, x, *args, **kwargs):
+        result = original(self, x, *args, **kwargs)
+        return result + 1e-3 * result.roll(1, dims=0)  # each sample also sees its neighbour's output
+
+    monkeypatch.setattr(lora.layer.Linear, "forward", mix_the_batch)
+    with pytest.raises(AssertionError, match="changed the other samples"):
+        invariants.check_batch_independence(LORA, MLP)
+
+
+def test_12_fails_when_a_teardown_gives_another_model(monkeypatch):
+    original = lora.layer.Linear.merge
+
+    def merge_twice(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.merged_adapters.clear()
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(lora.layer.Linear, "merge", merge_twice)
+    with pytest.raises(AssertionError, match="neither the base nor the adapted"):
+        invariants.check_teardown(LORA, MLP)
+
+
+def test_12_fails_when_a_teardown_crashes(monkeypatch):
+    def crash(self, *args, **kwargs):
+        raise AttributeError("'TaskFilteredLayer' object has no attribute 'merge'")
+
+    monkeypatch.setattr(lora.layer.Linear, "merge", crash)
+    with pytest.raises(AttributeError):
+        invariants.check_teardown(LORA, MLP)

@@ -164,7 +164,7 @@ def test_every_parameter_group_gets_gradient_by_step_2_and_the_loss_falls(knobs)
 @pytest.mark.parametrize("knobs, message", [
     ({"similarity": "l2"}, "similarity must be one of"),
     ({"filter_transform": "circulant"}, "filter_transform must be one of"),
-    ({"filter_rank": 0}, r"filter_rank \(k\) must be a positive integer"),
+    ({"filter_rank": 0}, r"filter_rank must be a positive integer"),
     ({"filter_modules": []}, "plain LoRA"),
     ({"filter_positions": "first3"}, "filter_positions must be 'all' or"),
     ({"filter_positions": "f0"}, "p \\+ s > 0"),
@@ -194,3 +194,32 @@ def test_battery_catches_merge_and_unload_dropping_the_filter(monkeypatch):
     monkeypatch.setattr(LoraTRFLayer, "unload_and_optionally_merge_module", merge_lora_only)
     with pytest.raises(AssertionError, match=r"merge_and_unload\(\) vs unmerged"):
         invariants.check_merge_unmerge(case, MLP)
+
+
+def _trained(tiny) -> PeftModel:
+    torch.manual_seed(0)
+    config = hirank.LoraTRFConfig(target_modules=list(tiny.target_modules), r=4, lora_alpha=8, filter_rank=3,
+                                  init_weights=False)
+    return get_peft_model(tiny.build(), config)
+
+
+def test_teardown_after_a_merge_keeps_the_adapted_model_and_its_live_filters():
+    """A second merge_and_unload, and unload after merge_adapter, give the adapted model (LoRA part in the weight,
+    filter live), as peft's LoRA keeps merged weights; unload alone gives the base (DESIGN invariant 12)."""
+    inputs = MLP.inputs()
+    with torch.no_grad():
+        base = MLP.output(MLP.build(), inputs)
+        model = _trained(MLP)
+        adapted = MLP.output(model, inputs)
+        first = model.merge_and_unload()
+        second = model.merge_and_unload()  # was: AttributeError: 'TaskFilteredLayer' object has no attribute 'merge'
+        assert second is first and isinstance(second.lin0, TaskFilteredLayer)
+        torch.testing.assert_close(MLP.output(second, inputs), adapted, rtol=0, atol=1e-5)
+
+        model = _trained(MLP)
+        model.merge_adapter()
+        unloaded = model.unload()  # was: the LoRA part merged, the filter dropped
+        assert isinstance(unloaded.lin0, TaskFilteredLayer)
+        torch.testing.assert_close(MLP.output(unloaded, inputs), adapted, rtol=0, atol=1e-5)
+
+        torch.testing.assert_close(MLP.output(_trained(MLP).unload(), inputs), base, rtol=0, atol=0)

@@ -27,12 +27,24 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ._loading import REQUIRES, warn_missing_fields, write_card_section
+from ._validate import FieldCheck, is_integer
+
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 
 
 @dataclass
 class HirankConfig(PeftConfig):
-    """Fields every hirank method shares with peft's LoRA config (see peft's ``LoraConfig``)."""
+    """Fields every hirank method shares with peft's LoRA config (see peft's ``LoraConfig``).
+
+    Loading a saved hirank adapter needs ``import hirank`` first (it registers the HIRANK_* peft types; without
+    it peft raises ``KeyError: 'HIRANK_...'``). The saved folder says so: adapter_config.json holds
+    ``hirank_version`` and ``requires``, and its README.md model card has a loading section. A saved config
+    that lacks one of the method's fields loads with the default and a warning naming the field.
+    """
+
+    #: Fields that describe the file, not the adapter: a file without them loads without a warning.
+    informational_fields = ("hirank_version", "requires")
 
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
@@ -54,7 +66,7 @@ class HirankConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Name of the layer list used with layers_to_transform (e.g. 'layers')."}
     )
-    init_weights: Union[bool, str] = field(
+    init_weights: bool = field(
         default=True,
         metadata={
             "help": "True: the method's paper init, with ΔW = 0 so the model starts unchanged. "
@@ -62,16 +74,55 @@ class HirankConfig(PeftConfig):
         },
     )
 
+    hirank_version: Optional[str] = field(
+        default=None, metadata={"help": "The hirank version that wrote this config (filled in automatically)."}
+    )
+    requires: str = field(
+        default=REQUIRES,
+        metadata={"help": "What loading this adapter needs (informational; always set to hirank's current text)."},
+    )
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> HirankConfig:
+        if "peft_type" in kwargs:  # built from a saved adapter_config.json: peft passes every stored key
+            warn_missing_fields(cls, kwargs, cls.informational_fields)
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.target_modules, list):
+        if self.hirank_version is None:
+            from .. import __version__
+
+            self.hirank_version = __version__
+        check = FieldCheck(self)
+        if not isinstance(self.hirank_version, str):
+            check.fail("hirank_version", "None or a version string")
+        if not isinstance(self.requires, str):
+            check.fail("requires", "a string (informational: hirank writes its own text)")
+        self.requires = REQUIRES
+        for name in ("target_modules", "exclude_modules"):
+            check.module_names(name)
+        check.module_names("modules_to_save", allow_string=False, expected="None or a list of module names")
+        layers = "None, a layer index ≥ 0 or a non-empty list of them"
+        if is_integer(self.layers_to_transform):
+            self.layers_to_transform = check.integer("layers_to_transform", minimum=0, expected=layers)
+        else:
+            self.layers_to_transform = check.integers("layers_to_transform", min_length=1, minimum=0, expected=layers)
+        check.module_names("layers_pattern", expected="None, a name or a list of names (e.g. 'layers')")
+        check.flag("init_weights", "True (the paper's init: ΔW = 0, the model starts unchanged) or False (random "
+                   "ΔW ≠ 0); hirank has no named inits such as 'gaussian'")
+        if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
+        if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a regex string.")
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """adapter_config.json (every field, by peft), plus the loading section of the folder's README.md."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_card_section(save_directory, str(self.peft_type), type(self).__name__)
 
 
 def module_name_matches(module_name: str, key: str) -> bool:

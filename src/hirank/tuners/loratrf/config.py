@@ -8,6 +8,7 @@ from typing import Literal, Optional, Union
 
 from ..._peft import HirankPeftType
 from ...ops.loratrf import SIMILARITIES, TRANSFORMS
+from .._validate import FieldCheck
 from ..base import HirankConfig, module_name_matches
 
 _POSITIONS = re.compile(r"(?:f(?P<first>\d+))?\+?(?:l(?P<last>\d+))?")
@@ -32,6 +33,10 @@ class LoraTRFConfig(HirankConfig):
     (diagonal) or + d + d² (dense); a layer outside ``filter_modules`` has only the LoRA part.
 
     Each open question of spec §2.6 is a knob; the defaults follow spec §2.3 and the issue.
+
+    Saving and loading: ``model.save_pretrained(folder)`` writes every field; loading needs ``import hirank``
+    before ``PeftModel.from_pretrained`` (it registers the method with peft; without it peft raises
+    ``KeyError: 'HIRANK_LORATRF'``), which the saved adapter_config.json and README.md also say.
 
     Args:
         r: rank of the LoRA part (paper: r).
@@ -80,20 +85,22 @@ class LoraTRFConfig(HirankConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = HirankPeftType.LORATRF
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        if self.similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}.")
-        if self.filter_transform not in TRANSFORMS:
-            raise ValueError(f"filter_transform must be one of {TRANSFORMS}, got {self.filter_transform!r}.")
-        if not isinstance(self.filter_rank, int) or self.filter_rank < 1:
-            raise ValueError(f"filter_rank (k) must be a positive integer, got {self.filter_rank!r}.")
+        check = FieldCheck(self)
+        self.r = check.integer("r")
+        self.lora_alpha = check.number("lora_alpha", low=0.0, nonzero=True, expected="a finite number > 0")
+        self.lora_dropout = check.number("lora_dropout", low=0.0, high=1.0, high_open=True)
+        self.filter_rank = check.integer("filter_rank", expected="a positive integer (the filter rank k)")
+        check.choice("similarity", SIMILARITIES)
+        check.choice("filter_transform", TRANSFORMS)
+        check.module_names("filter_modules")
         if isinstance(self.filter_modules, (set, tuple)):
             self.filter_modules = sorted(self.filter_modules)
         if isinstance(self.filter_modules, list) and not self.filter_modules:
-            raise ValueError("filter_modules=[] filters nothing, which is plain LoRA: use peft.LoraConfig instead.")
+            raise ValueError("LoraTRFConfig: filter_modules=[] filters nothing, which is plain LoRA: use "
+                             "peft.LoraConfig instead.")
+        check.flag("share_task_vector")
+        if not isinstance(self.filter_positions, str):
+            check.fail("filter_positions", "'all' or 'f<p>', 'l<s>', 'f<p>+l<s>' (e.g. 'f7+l7')")
         self.positions()  # validates filter_positions
 
     def positions(self) -> tuple[int, int]:
@@ -104,8 +111,8 @@ class LoraTRFConfig(HirankConfig):
         first, last = (int(match[g] or 0) for g in ("first", "last")) if match else (0, 0)
         if not match or first + last == 0 or ("+" in self.filter_positions) != bool(match["first"] and match["last"]):
             raise ValueError(
-                f"filter_positions must be 'all' or 'f<p>', 'l<s>', 'f<p>+l<s>' with p + s > 0 (e.g. 'f7+l7'), "
-                f"got {self.filter_positions!r}."
+                "LoraTRFConfig: filter_positions must be 'all' or 'f<p>', 'l<s>', 'f<p>+l<s>' with p + s > 0 "
+                f"(e.g. 'f7+l7'), got {self.filter_positions!r}."
             )
         return first, last
 

@@ -72,7 +72,11 @@ def apply_filters(h: torch.Tensor, filters: Iterable[TaskFilter]) -> torch.Tenso
 
 
 class TaskFilteredLayer(nn.Module):
-    """What ``merge_and_unload`` leaves of a LoRATRF layer: the merged Linear/Conv1D plus its live filters."""
+    """What ``merge_and_unload`` leaves of a LoRATRF layer: the merged Linear/Conv1D plus its live filters.
+
+    It is no peft layer: a later ``merge_and_unload()`` or ``unload()`` (of this or another peft model around it)
+    leaves it as it is, since its LoRA part is already in the weight and the filter cannot be merged.
+    """
 
     def __init__(self, base_layer: nn.Module, task_filters: Iterable[TaskFilter]) -> None:
         super().__init__()
@@ -81,6 +85,12 @@ class TaskFilteredLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return apply_filters(self.base_layer(x, *args, **kwargs), self.task_filters)
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]
+    ) -> nn.Module:
+        """peft's teardown calls this on every module with a ``base_layer``: already torn down, stay as is."""
+        return self
 
 
 class LoraTRFLayer(HirankLayer):
@@ -139,11 +149,11 @@ class LoraTRFLayer(HirankLayer):
     def unload_and_optionally_merge_module(
         self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]
     ) -> nn.Module:
-        """For ``merge_and_unload``: the merged base layer, wrapped with the merged adapters' live filters.
-        For ``unload``: the untouched base layer."""
-        if not merge:
-            return self.get_base_layer()
-        self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        """The layer without peft: for ``merge_and_unload``, the merged base layer wrapped with the merged adapters'
+        live filters. For ``unload``: the untouched base layer, or, after ``merge_adapter`` (whose ΔW is in the
+        weight), the merged layer with its filters, as peft's LoRA keeps merged weights on ``unload``."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
         filters = self._filters(self.merged_adapters)
         return TaskFilteredLayer(self.get_base_layer(), filters) if filters else self.get_base_layer()
 

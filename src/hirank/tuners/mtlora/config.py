@@ -7,6 +7,7 @@ from typing import Literal
 
 from ..._peft import HirankPeftType
 from ...ops.mtlora import INIT_T, VARIANTS
+from .._validate import FieldCheck
 from ..base import HirankConfig
 
 
@@ -17,6 +18,10 @@ class MTLoraConfig(HirankConfig):
     Not the multi-task MTLoRA of Agiza et al. Each adapted weight gets ΔW = (α/r)·B·T·A with an r×r
     transformation T between LoRA's factors; T = I is exactly LoRA. Mergeable, r(d_in + d_out) + r²
     parameters per layer (SHIM, ICFM) or r(d_in + d_out) + 2r² (CTCM, DTSM).
+
+    Saving and loading: ``model.save_pretrained(folder)`` writes every field; loading needs ``import hirank``
+    before ``PeftModel.from_pretrained`` (it registers the method with peft; without it peft raises
+    ``KeyError: 'HIRANK_MTLORA'``), which the saved adapter_config.json and README.md also say.
 
     Args:
         r: rank of the update (paper: r).
@@ -46,16 +51,15 @@ class MTLoraConfig(HirankConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = HirankPeftType.MTLORA
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}.")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}.")
-        if self.init_T not in INIT_T:
-            raise ValueError(f"init_T must be one of {INIT_T}, got {self.init_T!r}.")
+        check = FieldCheck(self)
+        self.r = check.integer("r")
+        # α = 0 makes ΔW and every gradient zero: nothing would ever train
+        self.lora_alpha = check.number("lora_alpha", low=0.0, nonzero=True, expected="a finite number > 0")
+        self.lora_dropout = check.number("lora_dropout", low=0.0, high=1.0, high_open=True)
+        check.choice("variant", VARIANTS)
+        check.choice("init_T", INIT_T)
         if self.init_T == "zeros" and self.variant in ("icfm", "ctcm"):
             raise ValueError(
-                f"init_T='zeros' with variant={self.variant!r} never trains: at T = 0 the gradients of A, B, C and D "
-                "are all exactly zero (spec §1.3). Use init_T='identity' (default) or 'random'."
+                f"MTLoraConfig: init_T='zeros' with variant={self.variant!r} never trains: at T = 0 the gradients of "
+                "A, B, C and D are all exactly zero (spec §1.3). Use init_T='identity' (default) or 'random'."
             )
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..._peft import HirankPeftType
+from .._validate import FieldCheck
 from ..base import HirankConfig
 
 
@@ -16,6 +17,10 @@ class QuantaConfig(HirankConfig):
     Each adapted weight gets ΔW = M(θ) − M(θ₀): a circuit of small trainable gates, one per pair of axes
     of the reshaped hidden vector, minus a frozen copy of its random initial value. High (full) rank,
     Σ_{a<b}(n_a n_b)² parameters per layer, no scaling factor, mergeable.
+
+    Saving and loading: ``model.save_pretrained(folder)`` writes every field; loading needs ``import hirank``
+    before ``PeftModel.from_pretrained`` (it registers the method with peft; without it peft raises
+    ``KeyError: 'HIRANK_QUANTA'``), which the saved adapter_config.json and README.md also say.
 
     Args:
         n_axes: D, the number of tensor axes (paper: the length of ``per_dim_features``). Used when
@@ -42,15 +47,16 @@ class QuantaConfig(HirankConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = HirankPeftType.QUANTA
-        if self.n_axes < 2:
-            raise ValueError(f"n_axes must be ≥ 2 (got {self.n_axes}); n_axes=2 is already a dense update.")
+        check = FieldCheck(self)
+        self.n_axes = check.integer("n_axes", minimum=2, expected="an integer ≥ 2 (n_axes=2 is already a dense update)")
         for name in ("factors", "out_factors"):
-            value = getattr(self, name)
-            if value is not None and (len(value) < 2 or any(int(f) < 1 for f in value)):
-                raise ValueError(f"{name} must list at least 2 positive integers, got {value}.")
+            setattr(self, name, check.integers(name, min_length=2, minimum=1,
+                                               expected="None or a list of at least 2 positive integers"))
+        self.pad = check.flag("pad")
+        self.dropout = check.number("dropout", low=0.0, high=1.0, high_open=True)
         if self.out_factors is not None and self.factors is None:
-            raise ValueError("out_factors needs factors too (both define the gate shapes).")
+            raise ValueError("QuantaConfig: out_factors needs factors too (both define the gate shapes).")
         if self.factors is not None and self.out_factors is not None and len(self.factors) != len(self.out_factors):
-            raise ValueError(f"factors {self.factors} and out_factors {self.out_factors} need the same length.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+            raise ValueError(
+                f"QuantaConfig: factors {self.factors} and out_factors {self.out_factors} need the same length."
+            )

@@ -6,11 +6,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..._peft import HirankPeftType
+from .._validate import FieldCheck
 from ..base import HirankConfig
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -24,6 +21,10 @@ class QuantumPeftConfig(HirankConfig):
     cosine–sine split N = N₁ + N₂ (reconstruction, module docstring of ``hirank.ops.pauli``). Only the
     Pauli parameterization is implemented: the paper's truncated-Taylor variant (spec §2.4) is not
     exactly orthogonal, and its exact form could not be confirmed from the paper.
+
+    Saving and loading: ``model.save_pretrained(folder)`` writes every field; loading needs ``import hirank``
+    before ``PeftModel.from_pretrained`` (it registers the method with peft; without it peft raises
+    ``KeyError: 'HIRANK_QUANTUM_PEFT'``), which the saved adapter_config.json and README.md also say.
 
     Args:
         rank: K, the intrinsic rank (columns of U and V, entries of Λ); ≤ min(d_in, d_out) of every layer.
@@ -45,19 +46,13 @@ class QuantumPeftConfig(HirankConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = HirankPeftType.QUANTUM_PEFT
-        if not _is_int(self.rank) or self.rank < 1:
-            raise ValueError(f"rank (K) must be a positive integer, got {self.rank!r}.")
-        if not _is_int(self.n_layers) or self.n_layers < 0:
-            raise ValueError(f"n_layers (L) must be a non-negative integer, got {self.n_layers!r}.")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
-            raise ValueError(f"scale must be a number, got {self.scale!r}.")
-        if self.rank_mask is not None:
-            self.rank_mask = list(self.rank_mask)
-            if len(self.rank_mask) != self.rank or any(not _is_int(m) or m not in (0, 1) for m in self.rank_mask):
-                raise ValueError(
-                    f"rank_mask must hold rank={self.rank} entries, each 0 or 1, got {self.rank_mask!r}."
-                )
-        if not isinstance(self.init_weights, bool):
-            raise ValueError(
-                f"init_weights must be True (Λ = 0, ΔW = 0 at start) or False (random Λ), got {self.init_weights!r}."
-            )
+        check = FieldCheck(self)
+        self.rank = check.integer("rank", expected="a positive integer (K)")
+        self.n_layers = check.integer("n_layers", minimum=0, expected="a non-negative integer (L)")
+        # s = 0 would make ΔW and every gradient zero (nothing trains); a sign is absorbed by Λ
+        self.scale = check.number("scale", nonzero=True)
+        mask = f"rank={self.rank} entries, each 0 or 1, at least one 1 (or be None)"
+        self.rank_mask = check.integers("rank_mask", min_length=0, minimum=0, expected=mask, verb="hold")
+        if self.rank_mask is not None and (len(self.rank_mask) != self.rank or set(self.rank_mask) - {0, 1}
+                                           or not any(self.rank_mask)):
+            check.fail("rank_mask", mask, verb="hold")

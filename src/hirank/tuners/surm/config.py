@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from ..._peft import HirankPeftType
+from .._validate import FieldCheck
 from ..base import HirankConfig
 
 STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
@@ -22,6 +23,10 @@ class SurmConfig(HirankConfig):
     Houlsby adapter's bottleneck. Parameters per adapted m × n weight (N = max(m, n)):
     circulant 2N (c = a ⊙ b), Toeplitz m+n−1, Kronecker m+n, LDR 2·r·N; the adapter placement uses a
     square S on the d = m outputs plus a bias of d.
+
+    Saving and loading: ``model.save_pretrained(folder)`` writes every field; loading needs ``import hirank``
+    before ``PeftModel.from_pretrained`` (it registers the method with peft; without it peft raises
+    ``KeyError: 'HIRANK_SURM'``), which the saved adapter_config.json and README.md also say.
 
     Args:
         structure: ``"circulant"`` (Circ(a ⊙ b), spec §3.2a), ``"toeplitz"`` (one general Toeplitz matrix
@@ -60,26 +65,13 @@ class SurmConfig(HirankConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = HirankPeftType.SURM
-        if self.structure not in STRUCTURES:
-            raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}.")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}.")
-        if self.adapter_activation not in ACTIVATIONS:
-            raise ValueError(
-                f"adapter_activation must be one of {ACTIVATIONS} (each has act(0) = 0, which keeps the adapter "
-                f"the identity at init), got {self.adapter_activation!r}."
-            )
-        if isinstance(self.displacement_rank, bool) or not isinstance(self.displacement_rank, int) \
-                or self.displacement_rank < 1:
-            raise ValueError(f"displacement_rank must be a positive integer, got {self.displacement_rank!r}.")
-        if self.kronecker_factor is not None and (
-            isinstance(self.kronecker_factor, bool) or not isinstance(self.kronecker_factor, int)
-            or self.kronecker_factor < 1
-        ):
-            raise ValueError(f"kronecker_factor must be None or a positive integer, got {self.kronecker_factor!r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
-        if not isinstance(self.init_weights, bool):
-            raise ValueError(
-                f"init_weights must be True (S = 0 at start) or False (random S), got {self.init_weights!r}."
-            )
+        check = FieldCheck(self)
+        check.choice("structure", STRUCTURES)
+        check.choice("placement", PLACEMENTS)
+        # α = 0 would zero S's contribution and its gradients (nothing but the adapter bias would train)
+        self.alpha = check.number("alpha", nonzero=True)
+        self.displacement_rank = check.integer("displacement_rank")
+        self.kronecker_factor = check.optional_integer("kronecker_factor")
+        check.choice("adapter_activation", ACTIVATIONS,
+                     " (each has act(0) = 0, which keeps the adapter the identity at init)")
+        self.dropout = check.number("dropout", low=0.0, high=1.0, high_open=True)
