@@ -374,3 +374,42 @@ def ldr_dense(g: torch.Tensor, h: torch.Tensor, out_features: int, in_features: 
     by_diagonal = (first_column[:, None] - 2 * sums).T.contiguous()  # [j, δ]: W[(δ + j) mod N, j]
     dense_t = _skewed_rows(by_diagonal, -1)  # [j, i] = by_diagonal[j, (i − j) mod N] = W[i, j]
     return dense_t.T[:out_features, :in_features]
+
+
+# ---- fast product or dense S: the cost model (issue 12) ------------------------------------------------
+#
+# Per step, the fast product costs its transforms on every token row; the dense path builds S once (m × n)
+# and pays matmuls: x·Sᵀ forward, and in training grad·S (input) and gradᵀ·x (for S) backward. Constants
+# measured on the development CPU, one thread, float32, N = 384…4096 (benchmarks/surm.py prints the effect):
+MATMUL_SECONDS_PER_MAC = 4e-11  # large float32 GEMM
+FFT_SECONDS_PER_POINT = 2.5e-10  # one row's real FFT of size L costs this × L·log2(L) (rfft, irfft, skew ≈ same)
+#: the complex multiplies, folds and pads around the transforms: the fast products measured about 2.5× the
+#: time of their FFT calls alone (torch.profiler, LDR r=8 at d = 1024)
+FFT_ELEMENTWISE_FACTOR = 2.5
+#: forward + backward of the dense builds per entry of S (strided copies; LDR adds a rank-r GEMM and a cumsum)
+BUILD_SECONDS_PER_ENTRY = {"circulant": 1e-8, "toeplitz": 1e-8, "ldr": 2e-8}
+LDR_BUILD_SECONDS_PER_ENTRY_AND_RANK = 5e-9
+
+
+def _transforms_per_row(structure: str, displacement_rank: int, training: bool) -> int:
+    """FFTs per token row of the fast product: forward, plus backward (with x's recomputed) when training."""
+    if structure == "ldr":
+        return 5 + 6 * displacement_rank if training else 2 + 2 * displacement_rank
+    return 5 if training else 2  # circulant and Toeplitz: rfft x, irfft; rfft grad, irfft grad x, rfft x
+
+
+def fast_product_is_cheaper(structure: str, tokens: int, rows: int, cols: int, displacement_rank: int = 1,
+                            training: bool = True) -> bool:
+    """Whether S·x by its fast product beats building S (rows × cols) once and multiplying densely, for
+    ``tokens`` rows of x (forward, plus backward when ``training``). Kronecker's product is always cheaper."""
+    if structure == "kronecker":
+        return True
+    length = fast_fft_length(rows + cols - 1) if structure == "toeplitz" else max(rows, cols)
+    transforms = _transforms_per_row(structure, displacement_rank, training)
+    fast = tokens * transforms * length * math.log2(max(length, 2)) * FFT_SECONDS_PER_POINT * FFT_ELEMENTWISE_FACTOR
+    build_per_entry = BUILD_SECONDS_PER_ENTRY[structure]
+    if structure == "ldr":
+        build_per_entry += LDR_BUILD_SECONDS_PER_ENTRY_AND_RANK * displacement_rank
+    build = rows * cols * build_per_entry * (1 if training else 1 / 3)  # forward ≈ a third of forward + backward
+    dense = tokens * rows * cols * (3 if training else 1) * MATMUL_SECONDS_PER_MAC + build
+    return fast <= dense
