@@ -195,6 +195,8 @@ def test_cost_model_prefers_the_dense_s_only_when_tokens_pay_for_it():
     assert not structured.fast_product_is_cheaper("ldr", 8192, 64, 64, displacement_rank=8)  # tokens ≫ d
     assert structured.fast_product_is_cheaper("circulant", 1024, 1024, 1024)
     assert structured.fast_product_is_cheaper("kronecker", 10 ** 6, 64, 64)  # never materialized
+    assert structured.fast_product_is_cheaper("ldr", 100, 64, 64, displacement_rank=8)  # S would outweigh x
+    assert not structured.fast_product_is_cheaper("ldr", 100, 64, 64, displacement_rank=8, training=False)
 
 
 @pytest.mark.parametrize("structure", ["circulant", "toeplitz", "ldr"])

@@ -401,8 +401,12 @@ def _transforms_per_row(structure: str, displacement_rank: int, training: bool) 
 def fast_product_is_cheaper(structure: str, tokens: int, rows: int, cols: int, displacement_rank: int = 1,
                             training: bool = True) -> bool:
     """Whether S·x by its fast product beats building S (rows × cols) once and multiplying densely, for
-    ``tokens`` rows of x (forward, plus backward when ``training``). Kronecker's product is always cheaper."""
-    if structure == "kronecker":
+    ``tokens`` rows of x (forward, plus backward when ``training``). Kronecker's product is always cheaper.
+
+    Memory first: the dense path saves S for backward, so in training it is taken only where S is at most half
+    the size of the input it multiplies (tokens ≥ 2·rows), which keeps activation memory within 1.3× LoRA's.
+    """
+    if structure == "kronecker" or (training and tokens < 2 * rows):
         return True
     length = fast_fft_length(rows + cols - 1) if structure == "toeplitz" else max(rows, cols)
     transforms = _transforms_per_row(structure, displacement_rank, training)
