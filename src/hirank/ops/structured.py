@@ -345,7 +345,9 @@ def ldr_matvec(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_features: 
     """W(G, H)[:m, :n] · x with W = Σ_i Circ(g_i)·SkewCirc(h_i).  G, H: (r, N), x: (..., n ≤ N) → (..., m ≤ N).
 
     Cost O(r·N log N) per row; each row is transformed on its own (real FFTs, or half-size complex FFTs of
-    the row folded onto itself), so rows never mix.
+    the row folded onto itself), so rows never mix. The r terms differ between the skew and the circulant
+    diagonalizations, so each needs its own inverse/forward pair: a training step costs 5 + 6r transforms per
+    row (53 at r = 8, against LoRA's 2·d² base multiply-adds per row: ≈ 3× LoRA's step at d = 1024 on CPU).
     """
     return _LdrProduct.apply(g, h, x, out_features)
 
