@@ -5,23 +5,33 @@
 2. The MiniLM-shaped encoder (query, value adapted; the adapter placement on its default targets):
    training-step time (forward + backward + AdamW) and trainable parameters.
 
+3. Issue 12's targets (``--mlp``): 4 Linear layers of width d with GELU between, forward + backward + AdamW,
+   step time and activation memory ÷ peft LoRA r=8 on the same layers, each structure at its default size and
+   LDR at LoRA r=8's budget (2·r·d = 16·d parameters per layer: r = 8). Times are medians of interleaved
+   rounds (spread: min–max ÷ the median LoRA step); memory is the bytes saved for backward (unique storages,
+   parameters excluded), counted with ``torch.autograd.graph.saved_tensors_hooks``: deterministic.
+
     .venv/bin/python benchmarks/surm.py [--threads N] [--dims 384 768] [--rounds 8] [--skip-model]
+    .venv/bin/python benchmarks/surm.py --mlp --dims 1024 2048 4096 --token-counts 512 4096 --rounds 5
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Callable
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftConfig, get_peft_model
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import hirank  # noqa: E402
 from common import (  # noqa: E402
-    adapted, argument_parser, batch, best_seconds, clock, dense_delta_forward, layer_step, parse_args, print_table,
-    train_step,
+    DEVICE, adapted, argument_parser, batch, best_seconds, clock, dense_delta_forward, layer_step, parse_args,
+    print_table, synchronize, train_step,
 )
 from hirank.tuners.surm.layer import SurmLayer  # noqa: E402
 
@@ -84,6 +94,117 @@ def model_table(seq_len: int, rounds: int) -> None:
     print_table(rows)
 
 
+MLP_LAYERS = [f"lin{i}" for i in range(4)]
+#: Issue 12's SURM rows: each structure at its default size, LDR also at LoRA r=8's budget (2·r·d = 16·d: r = 8).
+MLP_VARIANTS = {
+    "circulant": {"structure": "circulant"},
+    "toeplitz": {"structure": "toeplitz"},
+    "kronecker": {"structure": "kronecker"},
+    "ldr r=1": {"structure": "ldr", "displacement_rank": 1},
+    "ldr r=8 (LoRA r=8 budget)": {"structure": "ldr", "displacement_rank": 8},
+}
+
+
+class GeluMlp(nn.Module):
+    """4 Linear layers of width d with GELU between (issue 12's benchmark model)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        for name in MLP_LAYERS:
+            setattr(self, name, nn.Linear(d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, name in enumerate(MLP_LAYERS):
+            x = getattr(self, name)(x if i == 0 else nn.functional.gelu(x))
+        return x
+
+
+def mlp_configs() -> dict[str, PeftConfig]:
+    """peft LoRA r=8 (the reference) and the SURM rows of issue 12, all on the 4 Linear layers."""
+    configs: dict[str, PeftConfig] = {"peft lora r=8": LoraConfig(target_modules=MLP_LAYERS, r=8, lora_alpha=16)}
+    configs |= {f"surm {name}": hirank.SurmConfig(target_modules=MLP_LAYERS, init_weights=False, **knobs)
+                for name, knobs in MLP_VARIANTS.items()}
+    return configs
+
+
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct tensors one forward saves for backward, parameters excluded (deterministic)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(x).square().mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def mlp_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward + AdamW step of ``model`` on ``x``."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        optimizer.step()
+
+    return step
+
+
+def interleaved_seconds(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+    """Per step, its times over ``rounds`` rounds that each run every step once, in turn (after one warm-up)."""
+    now = clock()
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            synchronize()
+            start = now()
+            step()
+            synchronize()
+            times[name].append(now() - start)
+    return times
+
+
+def mlp_table(dims: list[int], token_counts: list[int], rounds: int) -> list[dict[str, object]]:
+    """Issue 12's ratios to peft LoRA r=8: step time (median of interleaved rounds, spread) and saved bytes."""
+    rows = []
+    for d in dims:
+        for tokens in token_counts:
+            torch.manual_seed(0)
+            x = torch.randn(tokens, d, device=DEVICE)
+            models = {}
+            for name, config in mlp_configs().items():
+                torch.manual_seed(0)
+                models[name] = get_peft_model(GeluMlp(d), config).to(DEVICE)
+            memory = {name: saved_activation_bytes(model, x) for name, model in models.items()}
+            times = interleaved_seconds({name: mlp_step(model, x) for name, model in models.items()}, rounds)
+            lora = statistics.median(times["peft lora r=8"])
+            for name in models:
+                median = statistics.median(times[name])
+                rows.append({
+                    "d": d, "tokens": tokens, "method": name,
+                    "step ms": f"{1e3 * median:.1f}",
+                    "step ÷ LoRA": f"{median / lora:.2f}",
+                    "spread": f"{min(times[name]) / lora:.2f}–{max(times[name]) / lora:.2f}",
+                    "saved MiB": f"{memory[name] / 2**20:.1f}",
+                    "memory ÷ LoRA": f"{memory[name] / memory['peft lora r=8']:.2f}",
+                })
+            del models
+    print(f"4 Linear layers d×d with GELU between, forward + backward + AdamW, median of {rounds} interleaved "
+          f"rounds (spread min–max), {torch.get_num_threads()} thread(s), {clock().__name__}; memory: bytes saved "
+          "for backward")
+    print_table(rows)
+    return rows
+
+
 def main() -> None:
     parser = argument_parser(__doc__, threads=1,
                              threads_help="torch threads; 1 by default: then steps are timed in CPU time of the "
@@ -94,7 +215,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8, help="timed rounds of the single-layer table")
     parser.add_argument("--model-rounds", type=int, default=4, help="timed rounds of the encoder table")
     parser.add_argument("--skip-model", action="store_true", help="only the single-layer table")
+    parser.add_argument("--mlp", action="store_true", help="only issue 12's table (4 GELU layers, ÷ LoRA r=8)")
+    parser.add_argument("--token-counts", type=int, nargs="+", default=[512],
+                        help="tokens per step of the --mlp table (512 and ≥ d in issue 12)")
     args = parse_args(parser)
+    if args.mlp:
+        mlp_table(args.dims, args.token_counts, args.rounds)
+        return
     layer_table(args.dims, args.tokens, args.rounds)
     if not args.skip_model:
         model_table(args.seq_len, args.model_rounds)

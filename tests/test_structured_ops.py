@@ -78,13 +78,11 @@ def test_circulant_matvec_matches_dense(m, n):
 @pytest.mark.parametrize("size", [1, 2, 7, 8, 61, 64, 384])
 def test_skew_circulant_matvec_matches_dense(size):
     """Needs η^N = −1; a root of x^(N+1) + 1 (the reference code's default) fails this."""
-    h, x, y = _randn(size, seed=3), _randn(4, size, seed=4), _randn(4, size, seed=5)
+    h, x = _randn(size, seed=3), _randn(4, size, seed=4)
     dense = structured.skew_circulant_dense(h)
-    product = structured.skew_circulant_matvec(h, x)
+    product = structured.skew_circulant_matvec(h, x)  # even sizes: half-size complex FFTs of the folded row
     assert product.dtype == F64
     torch.testing.assert_close(product, x @ dense.T, rtol=0, atol=1e-10)
-    complex_product = structured.skew_circulant_matvec(h, torch.complex(x, y))  # real matrix, complex vector
-    torch.testing.assert_close(complex_product, torch.complex(x @ dense.T, y @ dense.T), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("m, n", SHAPES)
@@ -198,3 +196,76 @@ def test_fast_fft_length_is_the_smallest_5_smooth_size():
         length = structured.fast_fft_length(n)
         assert length >= n and smooth(length)
         assert not any(smooth(k) for k in range(n, length)), n
+
+
+# ---- batch independence (issue 11.3) ------------------------------------------------------------------
+def _products(size: int) -> dict[str, object]:
+    c, t = _randn(size, seed=30), _randn(2 * size - 1, seed=31)
+    g, h = _randn(3, size, seed=32), _randn(3, size, seed=33)
+    b, a = _randn(4, size // 4, seed=34), _randn(4, 4, seed=35)  # (4 ⊗ ...) factors of a size×size matrix
+    return {
+        "circulant": lambda v: structured.circulant_matvec(c, v, size),
+        "toeplitz": lambda v: structured.toeplitz_matvec(t, v, size),
+        "kronecker": lambda v: structured.kronecker_matvec(b.T.contiguous(), a, v),
+        "ldr": lambda v: structured.ldr_matvec(g, h, v, size),
+    }
+
+
+@pytest.mark.parametrize("size", [16, 15])
+@pytest.mark.parametrize("poison", ["nan", "inf", "huge"])
+def test_products_never_mix_samples(size, poison):
+    """One row's NaN, Inf or ×1e6 input leaves every other row's output as it was (the old LDR packed rows i
+    and i + T/2 into one complex FFT, so a NaN there reached the other row)."""
+    x = _randn(6, size, seed=36).to(torch.float32)
+    for name, product in _products(size).items():
+        if name == "kronecker" and size % 4:
+            continue
+        clean = product(x)
+        for row in (0, 3, 5):
+            poisoned = x.clone()
+            poisoned[row] = {"nan": float("nan"), "inf": float("inf"), "huge": 1e6 * poisoned[row]}[poison]
+            out = product(poisoned)
+            others = [i for i in range(6) if i != row]
+            torch.testing.assert_close(out[others], clean[others], rtol=0, atol=1e-6, msg=f"{name}, row {row}")
+
+
+# ---- custom backward passes ------------------------------------------------------------------------
+@pytest.mark.parametrize("m, n", [(6, 6), (7, 7), (4, 9), (9, 4)])
+def test_backward_of_every_product_passes_gradcheck(m, n):
+    """The hand-written backward passes (saving only x and the generators) against finite differences."""
+    size = max(m, n)
+
+    def leaf(*shape: int, seed: int) -> torch.Tensor:
+        return _randn(*shape, seed=seed).requires_grad_()
+
+    x = leaf(2, 3, n, seed=40)
+    checks = {
+        "circulant": (lambda c, v: structured.circulant_matvec(c, v, m), (leaf(size, seed=41), x)),
+        "toeplitz": (lambda t, v: structured.toeplitz_matvec(t, v, m), (leaf(m + n - 1, seed=42), x)),
+        "ldr": (lambda g, h, v: structured.ldr_matvec(g, h, v, m), (leaf(2, size, seed=43), leaf(2, size, seed=44), x)),
+    }
+    if n % 3 == 0:
+        checks["kronecker"] = (structured.kronecker_matvec, (leaf(m, 3, seed=45), leaf(1, n // 3, seed=46), x))
+    for name, (product, inputs) in checks.items():
+        assert torch.autograd.gradcheck(product, inputs), name
+    # only the gradients asked for: none for a frozen input
+    g, h = _randn(2, size, seed=43).requires_grad_(), _randn(2, size, seed=44)
+    structured.ldr_matvec(g, h, _randn(3, n, seed=47), m).sum().backward()
+    assert g.grad is not None and h.grad is None
+
+
+@pytest.mark.parametrize("m, n", SHAPES)
+def test_ldr_dense_from_the_displacement_equation_is_the_definition(m, n):
+    size = max(m, n)
+    g, h = _randn(3, size, seed=50), _randn(3, size, seed=51)
+    expected = sum(structured.circulant_dense(gi, size, size) @ structured.skew_circulant_dense(hi)
+                   for gi, hi in zip(g, h))[:m, :n]
+    torch.testing.assert_close(structured.ldr_dense(g, h, m, n), expected, rtol=0, atol=1e-10)
+
+
+def test_dense_builds_pass_gradcheck():
+    """The dense path trains through these builds (strided windows, cumulative sums)."""
+    assert torch.autograd.gradcheck(lambda c: structured.circulant_dense(c, 5, 7), _randn(7, seed=52).requires_grad_())
+    assert torch.autograd.gradcheck(lambda t: structured.toeplitz_dense(t, 5, 7), _randn(11, seed=53).requires_grad_())
+    g, h = _randn(2, 7, seed=54).requires_grad_(), _randn(2, 7, seed=55).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: structured.ldr_dense(a, b, 6, 7), (g, h))

@@ -187,3 +187,42 @@ def test_lora_placement_keeps_the_lora_default_targets():
 def test_adapter_placement_without_default_targets_asks_for_target_modules():
     with pytest.raises(ValueError, match="no default target_modules.*Pass target_modules"):
         get_peft_model(TINY_MODELS["mlp"].build(), hirank.SurmConfig(placement="adapter"))
+
+
+# ---- fast product or dense S per layer (issue 12) ---------------------------------------------------
+def test_cost_model_prefers_the_dense_s_only_when_tokens_pay_for_it():
+    assert structured.fast_product_is_cheaper("ldr", 512, 4096, 4096, displacement_rank=1)
+    assert not structured.fast_product_is_cheaper("ldr", 8192, 64, 64, displacement_rank=8)  # tokens ≫ d
+    assert structured.fast_product_is_cheaper("circulant", 1024, 1024, 1024)
+    assert structured.fast_product_is_cheaper("kronecker", 10 ** 6, 64, 64)  # never materialized
+    assert structured.fast_product_is_cheaper("ldr", 100, 64, 64, displacement_rank=8)  # S would outweigh x
+    assert not structured.fast_product_is_cheaper("ldr", 100, 64, 64, displacement_rank=8, training=False)
+
+
+@pytest.mark.parametrize("structure", ["circulant", "toeplitz", "ldr"])
+@pytest.mark.parametrize("placement", ["lora", "adapter"])
+def test_dense_path_and_fast_path_give_the_same_outputs_and_gradients(structure, placement, monkeypatch):
+    model = _single(24, 40, structure=structure, placement=placement, displacement_rank=3, init_weights=False)
+    model = model.to(torch.float64)
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    results = {}
+    for fast in (True, False):
+        monkeypatch.setattr(structured, "fast_product_is_cheaper", lambda *args, fast=fast, **kwargs: fast)
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        results[fast] = (out, [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(results[False][0], results[True][0], rtol=0, atol=1e-10)
+    for dense_grad, fast_grad in zip(results[False][1], results[True][1]):
+        torch.testing.assert_close(dense_grad, fast_grad, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_one_sample_poisoned_leaves_the_others_alone(structure):
+    """Issue 11.3 through the layer: NaN in one sample of the batch, the other samples' outputs unchanged."""
+    model = _single(32, 32, structure=structure, displacement_rank=2, init_weights=False)
+    x = torch.randn(4, 3, 32)
+    clean = model(x)
+    x[1, 2] = float("nan")
+    out = model(x)
+    torch.testing.assert_close(out[[0, 2, 3]], clean[[0, 2, 3]], rtol=0, atol=1e-6)

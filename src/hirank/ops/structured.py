@@ -1,7 +1,7 @@
 """Structured unrestricted-rank matrices of SURM (spec: methods/mtlora_loratrf_surm.md §3).
 
 Four structures, each with a fast product ``S·x`` on the last axis of ``x`` and a dense
-materialization built from the definition (for merging and as the reference in tests):
+materialization (for merging, for the dense path of :func:`fast_product_is_cheaper`, and as a reference):
 
 * circulant ``Circ(c)``: ``Circ(c)[i, j] = c[(i - j) mod N]`` (first column c), product by rfft (§3.2a);
 * Toeplitz ``Toep(t)`` (m × n, m+n−1 diagonals): ``Toep(t)[i, j] = t[i - j + n - 1]``, product by FFT
@@ -13,13 +13,20 @@ materialization built from the definition (for merging and as the reference in t
 Rectangular m × n (choice, spec §3.3): circulant and LDR are *truncated*: the N × N matrix with
 N = max(m, n) acting on x zero-padded to N, keeping the first m outputs, i.e. ``S[:m, :n]``.
 FFTs run in float32 (float64 stays float64) whatever the activation dtype; the result has that dtype.
+
+Every fast product is a custom autograd Function that saves only its input x and the small generators and
+recomputes the transforms of x in backward (the backward of a circulant product is the circulant product with
+the conjugate spectrum), so its activation memory is LoRA's. Every row of x is transformed on its own: no
+sample ever shares an FFT with another one (a NaN or a huge value stays in its own sample).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # ---- helpers ------------------------------------------------------------------------------------
 
@@ -48,37 +55,97 @@ def fast_fft_length(n: int) -> int:
     return best
 
 
-def _skew_root_powers(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(size,) complex: η^k for k < size with η = exp(iπ/size), so η^size = −1 (spec §3.2d)."""
-    angles = torch.arange(size, dtype=dtype, device=device) * (math.pi / size)
-    return torch.polar(torch.ones_like(angles), angles)
-
-
 def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
     """x zero-padded on the last axis to ``size``."""
     return torch.nn.functional.pad(x, (0, size - x.shape[-1])) if x.shape[-1] < size else x
 
 
+def _rows(x: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """x (..., n) as rows (T, size): cast to the compute dtype, zero-padded to ``size``."""
+    return _pad_last(x.to(dtype), size).reshape(-1, size)
+
+
+def _spectral_row_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_t conj(a[t]) ⊙ b[t] over the rows of two (T, F) spectra: the spectrum of a cross-correlation summed
+    over the samples, the gradient of a shared generator."""
+    return torch.linalg.vecdot(a, b, dim=0)
+
+
 # ---- circulant ----------------------------------------------------------------------------------
+
+
+class _CirculantProduct(torch.autograd.Function):
+    """Circ(c)[:m, :n]·x = irfft(rfft(c) ⊙ rfft(x))[:m]; saves x and c only."""
+
+    @staticmethod
+    def forward(ctx: Any, c: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        size, dtype = c.shape[-1], _compute_dtype(c, x)
+        product = torch.fft.irfft(torch.fft.rfft(c.to(dtype)) * torch.fft.rfft(_rows(x, size, dtype)), n=size)
+        ctx.save_for_backward(c, x)
+        return product[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        c, x = ctx.saved_tensors
+        size, dtype = c.shape[-1], _compute_dtype(c, x)
+        grad_spectrum = torch.fft.rfft(_rows(grad_y, size, dtype))  # (T, N/2+1), grad_y zero-padded to N
+        grad_c = grad_x = None
+        if ctx.needs_input_grad[1]:  # Circ(c)ᵀ = the circulant with the conjugate spectrum
+            grad_rows = torch.fft.irfft(torch.fft.rfft(c.to(dtype)).conj() * grad_spectrum, n=size)
+            grad_x = grad_rows[:, :x.shape[-1]].reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[0]:  # Circ(c)·x = Circ(x)·c: Σ_t Circ(x_t)ᵀ·grad_t, summed in frequency
+            x_spectrum = torch.fft.rfft(_rows(x, size, dtype))
+            grad_c = torch.fft.irfft(_spectral_row_sum(x_spectrum, grad_spectrum), n=size).to(c.dtype)
+        return grad_c, grad_x, None
 
 
 def circulant_matvec(c: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
     """Circ(c)[:m, :n] · x.  c: (N,), x: (..., n) with n ≤ N → (..., m) with m = out_features ≤ N."""
-    size = c.shape[-1]
-    dtype = _compute_dtype(c, x)
-    spectrum = torch.fft.rfft(c.to(dtype)) * torch.fft.rfft(_pad_last(x.to(dtype), size))  # (..., N//2+1)
-    return torch.fft.irfft(spectrum, n=size)[..., :out_features].to(x.dtype)
+    return _CirculantProduct.apply(c, x, out_features)
 
 
 def circulant_dense(c: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """Circ(c)[:m, :n] with Circ(c)[i, j] = c[(i − j) mod N].  c: (N,) → (m, n)."""
+    """Circ(c)[:m, :n] with Circ(c)[i, j] = c[(i − j) mod N].  c: (N,) → (m, n).
+
+    Built from windows of [c; c] (a copy, no index arithmetic): row i is c[i], c[i−1], …, c[i−N+1] (mod N).
+    """
     size = c.shape[-1]
-    rows = torch.arange(out_features, device=c.device)[:, None]
-    cols = torch.arange(in_features, device=c.device)[None, :]
-    return c[(rows - cols) % size]
+    reversed_twice = torch.cat([c, c]).flip(0)  # e[k] = c[(−k − 1) mod N]
+    windows = reversed_twice.unfold(0, size, 1)[:size]  # windows[s, j] = e[s + j]; row i is s = N − 1 − i
+    return windows.flip(0)[:out_features, :in_features]
 
 
 # ---- skew-circulant (f = −1 circulant, negacyclic) -------------------------------------------
+#
+# SkewCirc(h)·v is the negacyclic convolution of h and v, i.e. the product of polynomials mod tᴺ + 1.
+# With η = exp(iπ/N) (ηᴺ = −1), SkewCirc(h)·v = η̄ ⊙ ifft(fft(η ⊙ h) ⊙ fft(η ⊙ v)) (spec §3.2d). For real
+# h, v and even N, the same product needs only size-N/2 FFTs ("right-angle" convolution): mod tᴺ⁄² − i,
+# a real v folds to v[:N/2] + i·v[N/2:], and the product mod tᴺ + 1 of two real polynomials is read back from
+# its remainder mod tᴺ⁄² − i (real part: low half, imaginary part: high half). Both stay within one row.
+
+
+def _skew_twist(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(M,) complex: η^j for j < M, η = exp(iπ/N); M = N/2 for even N (η^M = i), M = N for odd N (η^N = −1)."""
+    length = size // 2 if size % 2 == 0 else size
+    angles = torch.arange(length, dtype=dtype, device=device) * (math.pi / size)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def skew_spectrum(v: torch.Tensor) -> torch.Tensor:
+    """The diagonalizing transform of SkewCirc on the last axis: (..., N) real → (..., M) complex."""
+    size = v.shape[-1]
+    if size % 2 == 0:
+        folded = torch.complex(v[..., : size // 2], v[..., size // 2:])
+    else:
+        folded = torch.complex(v, torch.zeros_like(v))
+    return torch.fft.fft(folded * _skew_twist(size, v.dtype, v.device))
+
+
+def skew_inverse(spectrum: torch.Tensor, size: int) -> torch.Tensor:
+    """Inverse of :func:`skew_spectrum` (for a product of two spectra of real vectors): (..., M) → (..., N) real."""
+    unfolded = torch.fft.ifft(spectrum) * _skew_twist(size, spectrum.real.dtype, spectrum.device).conj()
+    return torch.cat([unfolded.real, unfolded.imag], dim=-1) if size % 2 == 0 else unfolded.real
 
 
 def skew_circulant_dense(h: torch.Tensor) -> torch.Tensor:
@@ -90,20 +157,50 @@ def skew_circulant_dense(h: torch.Tensor) -> torch.Tensor:
     return sign * h[(rows - cols) % size]
 
 
-def skew_circulant_matvec(h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """SkewCirc(h) · z = η̄ ⊙ ifft(fft(η ⊙ h) ⊙ fft(η ⊙ z)) with η = exp(iπ/N), so η^N = −1.
-
-    (The reference code's default root solves x^(N+1) = −1 instead, which gives a wrong product.)
-    h: (..., N) real, z: (..., N) real or complex, broadcast against each other → (..., N), real for a real z.
-    """
-    dtype = _compute_dtype(h, z)  # float32/64, or complex64/128 for a complex z
-    powers = _skew_root_powers(h.shape[-1], dtype.to_real(), h.device)  # (N,)
-    h_spectrum = torch.fft.fft(powers * h.to(dtype.to_real()))
-    product = powers.conj() * torch.fft.ifft(h_spectrum * torch.fft.fft(powers * z.to(dtype)))
-    return product if z.is_complex() else product.real.to(z.dtype)
+def skew_circulant_matvec(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SkewCirc(h) · v with η^N = −1 (the reference code's default root solves x^(N+1) = −1 instead, which gives
+    a wrong product).  h: (..., N), v: (..., N) real, broadcast against each other → (..., N)."""
+    dtype = _compute_dtype(h, v)
+    product = skew_inverse(skew_spectrum(h.to(dtype)) * skew_spectrum(v.to(dtype)), h.shape[-1])
+    return product.to(v.dtype)
 
 
 # ---- Toeplitz -------------------------------------------------------------------------------------
+
+
+class _ToeplitzProduct(torch.autograd.Function):
+    """Toep(t)·x as entries n−1 … n+m−2 of the cyclic convolution (length L ≥ m+n−1) of t and x; saves t, x."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        in_features, dtype = x.shape[-1], _compute_dtype(t, x)
+        length = fast_fft_length(out_features + in_features - 1)
+        # explicit zero-padding: rfft(x, n=length) was measured slower in backward
+        spectrum = torch.fft.rfft(t.to(dtype), n=length) * torch.fft.rfft(_rows(x, length, dtype))
+        full = torch.fft.irfft(spectrum, n=length)  # (T, L)
+        ctx.save_for_backward(t, x)
+        ctx.out_features = out_features
+        product = full[:, in_features - 1: in_features - 1 + out_features]
+        return product.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        t, x = ctx.saved_tensors
+        in_features, out_features, dtype = x.shape[-1], ctx.out_features, _compute_dtype(t, x)
+        length = fast_fft_length(out_features + in_features - 1)
+        placed = torch.nn.functional.pad(grad_y.to(dtype).reshape(-1, out_features),
+                                         (in_features - 1, length - in_features + 1 - out_features))
+        grad_spectrum = torch.fft.rfft(placed)  # the gradient of the full cyclic convolution, (T, L/2+1)
+        grad_t = grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_rows = torch.fft.irfft(torch.fft.rfft(t.to(dtype), n=length).conj() * grad_spectrum, n=length)
+            grad_x = grad_rows[:, :in_features].reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[0]:
+            x_spectrum = torch.fft.rfft(_rows(x, length, dtype))
+            grad_full = torch.fft.irfft(_spectral_row_sum(x_spectrum, grad_spectrum), n=length)
+            grad_t = grad_full[: t.shape[-1]].to(t.dtype)
+        return grad_t, grad_x, None
 
 
 def toeplitz_matvec(t: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -116,22 +213,51 @@ def toeplitz_matvec(t: torch.Tensor, x: torch.Tensor, out_features: int) -> torc
     if t.shape[-1] != out_features + in_features - 1:
         raise ValueError(f"a {out_features}×{in_features} Toeplitz matrix has {out_features + in_features - 1} "
                          f"diagonals, got {t.shape[-1]}")
-    dtype = _compute_dtype(t, x)
-    length = fast_fft_length(out_features + in_features - 1)
-    # explicit zero-padding: the backward of rfft(x, n=length) was measured 1.3-2× slower
-    spectrum = torch.fft.rfft(t.to(dtype), n=length) * torch.fft.rfft(_pad_last(x.to(dtype), length))
-    full = torch.fft.irfft(spectrum, n=length)  # (..., L)
-    return full[..., in_features - 1: in_features - 1 + out_features].to(x.dtype)
+    return _ToeplitzProduct.apply(t, x, out_features)
 
 
 def toeplitz_dense(t: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """Toep(t) (m, n) with Toep(t)[i, j] = t[i − j + n − 1]: first row reversed t[:n], first column t[n−1:]."""
-    rows = torch.arange(out_features, device=t.device)[:, None]
-    cols = torch.arange(in_features, device=t.device)[None, :]
-    return t[rows - cols + in_features - 1]
+    """Toep(t) (m, n) with Toep(t)[i, j] = t[i − j + n − 1]: first row reversed t[:n], first column t[n−1:].
+
+    Built from the windows t[i : i+n] (a copy, no index arithmetic), each reversed.
+    """
+    return t.unfold(0, in_features, 1)[:out_features].flip(1)
 
 
 # ---- Kronecker ------------------------------------------------------------------------------------
+
+
+class _KroneckerProduct(torch.autograd.Function):
+    """(B ⊗ A)·x = vec(B·X·Aᵀ); saves B, A, x and recomputes X·Aᵀ in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, b: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(b, a, x)
+        (p, q), (s, k) = b.shape, a.shape
+        right = (x.to(dtype).reshape(-1, k) @ a.to(dtype).T).reshape(-1, q, s)  # X·Aᵀ, one GEMM: (T, q, s)
+        ctx.save_for_backward(b, a, x)
+        product = torch.bmm(b.to(dtype).expand(right.shape[0], p, q), right)  # B·(X·Aᵀ) per row, (T, p, s)
+        return product.reshape(*x.shape[:-1], p * s).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        b, a, x = ctx.saved_tensors
+        dtype = _compute_dtype(b, a, x)
+        (p, q), (s, k) = b.shape, a.shape
+        grad = grad_y.to(dtype).reshape(-1, p, s)  # (T, p, s)
+        matrix = x.to(dtype).reshape(-1, k)  # rows of X, (T·q, k)
+        grad_b = grad_a = grad_x = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_right = torch.bmm(b.to(dtype).T.expand(grad.shape[0], q, p), grad).reshape(-1, s)  # Bᵀ·grad
+            if ctx.needs_input_grad[2]:
+                grad_x = (grad_right @ a.to(dtype)).reshape(x.shape).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_a = (grad_right.T @ matrix).to(a.dtype)
+        if ctx.needs_input_grad[0]:
+            right = (matrix @ a.to(dtype).T).reshape(-1, q, s)
+            grad_b = torch.bmm(grad, right.transpose(1, 2)).sum(0).to(b.dtype)  # 2× faster than einsum here
+        return grad_b, grad_a, grad_x
 
 
 def kronecker_matvec(b: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -139,12 +265,7 @@ def kronecker_matvec(b: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> torch
 
     B: (p, q), A: (s, k), x: (..., q·k) → (..., p·s); never forms the (p·s, q·k) matrix.
     """
-    dtype = _compute_dtype(b, a, x)
-    p, q = b.shape
-    s, k = a.shape
-    matrix = x.to(dtype).reshape(*x.shape[:-1], q, k)  # (..., q, k)
-    product = b.to(dtype) @ (matrix @ a.to(dtype).T)  # (p, q) @ (..., q, s) → (..., p, s)
-    return product.reshape(*x.shape[:-1], p * s).to(x.dtype)
+    return _KroneckerProduct.apply(b, a, x)
 
 
 def kronecker_dense(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -172,32 +293,130 @@ def choose_kronecker_factor(in_features: int, out_features: int) -> int:
 # ---- low displacement rank W(G, H) ------------------------------------------------------------------
 
 
+class _LdrProduct(torch.autograd.Function):
+    """W(G, H)[:m, :n]·x = Σ_k Circ(g_k)·SkewCirc(h_k)·x; saves G, H, x only.
+
+    The skew spectrum of x is shared by the r terms and the r circulant spectra are summed before one inverse
+    rfft: per row 2 + 2r transforms of size N (or N/2 complex) forward, 3 + 4r backward (recomputing x's).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        size, dtype = g.shape[-1], _compute_dtype(g, h, x)
+        x_skew = skew_spectrum(_rows(x, size, dtype))  # (T, M)
+        h_skew, g_spectrum = skew_spectrum(h.to(dtype)), torch.fft.rfft(g.to(dtype))  # (r, M), (r, N/2+1)
+        total = torch.zeros(x_skew.shape[0], size // 2 + 1, dtype=g_spectrum.dtype, device=x.device)
+        for h_k, g_k in zip(h_skew, g_spectrum):  # one term at a time: temporaries stay (T, N)
+            total += torch.fft.rfft(skew_inverse(x_skew * h_k, size)) * g_k  # spectrum of Circ(g_k)·SkewCirc(h_k)·x
+        ctx.save_for_backward(g, h, x)
+        ctx.out_features = out_features
+        product = torch.fft.irfft(total, n=size)[:, :out_features]
+        return product.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        g, h, x = ctx.saved_tensors
+        size, dtype = g.shape[-1], _compute_dtype(g, h, x)
+        need_g, need_h, need_x = ctx.needs_input_grad[:3]
+        grad_spectrum = torch.fft.rfft(_rows(grad_y, size, dtype))  # (T, N/2+1)
+        x_skew = skew_spectrum(_rows(x, size, dtype))  # recomputed, (T, M)
+        h_skew, g_spectrum = skew_spectrum(h.to(dtype)), torch.fft.rfft(g.to(dtype))
+        grad_g = torch.zeros_like(g, dtype=dtype) if need_g else None
+        grad_h = torch.zeros_like(h, dtype=dtype) if need_h else None
+        grad_x_skew = torch.zeros_like(x_skew) if need_x else None
+        for k, (h_k, g_k) in enumerate(zip(h_skew, g_spectrum)):
+            if need_h or need_x:  # the transposes: conjugate spectra, Circ(g_k)ᵀ·grad then SkewCirc(h_k)ᵀ
+                back_skew = skew_spectrum(torch.fft.irfft(g_k.conj() * grad_spectrum, n=size))  # (T, M)
+                if need_x:
+                    grad_x_skew += h_k.conj() * back_skew
+                if need_h:  # SkewCirc(h)·x = SkewCirc(x)·h
+                    grad_h[k] = skew_inverse(_spectral_row_sum(x_skew, back_skew), size)
+            if need_g:  # Circ(g)·u = Circ(u)·g with u = SkewCirc(h_k)·x, recomputed
+                term = torch.fft.rfft(skew_inverse(x_skew * h_k, size))
+                grad_g[k] = torch.fft.irfft(_spectral_row_sum(term, grad_spectrum), n=size)
+        grad_x = None
+        if need_x:
+            grad_x = skew_inverse(grad_x_skew, size)[:, :x.shape[-1]].reshape(x.shape).to(x.dtype)
+        return (grad_g.to(g.dtype) if need_g else None, grad_h.to(h.dtype) if need_h else None, grad_x, None)
+
+
 def ldr_matvec(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
     """W(G, H)[:m, :n] · x with W = Σ_i Circ(g_i)·SkewCirc(h_i).  G, H: (r, N), x: (..., n ≤ N) → (..., m ≤ N).
 
-    W is real, so W(x₁ + i·x₂) = Wx₁ + i·Wx₂: the rows of x travel in pairs as one complex row, which halves
-    the FFTs (measured ≈ 1.3× faster at r = 1 and ≈ 3× at r = 4 than real rows with rfft; d = 384, one thread).
-    Cost O(r·N log N) per pair of rows: one FFT of the pair, per generator one inverse FFT (skew product) and
-    one FFT (circulant product), the r circulant spectra summed before one inverse FFT.
+    Cost O(r·N log N) per row; each row is transformed on its own (real FFTs, or half-size complex FFTs of
+    the row folded onto itself), so rows never mix. The r terms differ between the skew and the circulant
+    diagonalizations, so each needs its own inverse/forward pair: a training step costs 5 + 6r transforms per
+    row (53 at r = 8, against LoRA's 2·d² base multiply-adds per row: ≈ 3× LoRA's step at d = 1024 on CPU).
     """
-    size = g.shape[-1]
-    dtype = _compute_dtype(g, h, x)
-    rows = _pad_last(x.to(dtype), size).reshape(-1, size)  # (T, N)
-    count = rows.shape[0]
-    half = (count + 1) // 2
-    if count % 2:
-        rows = torch.cat([rows, rows.new_zeros(1, size)])
-    packed = torch.complex(rows[:half], rows[half:])  # (T/2, N)
-    skew = skew_circulant_matvec(h.to(dtype), packed.unsqueeze(-2))  # (T/2, r, N)
-    spectrum = (torch.fft.fft(g.to(dtype)) * torch.fft.fft(skew)).sum(dim=-2)  # (T/2, N)
-    product = torch.fft.ifft(spectrum)
-    rows_out = torch.cat([product.real, product.imag])[:count, :out_features]  # (T, m)
-    return rows_out.reshape(*x.shape[:-1], out_features).to(x.dtype)
+    return _LdrProduct.apply(g, h, x, out_features)
+
+
+def _skewed_rows(matrix: torch.Tensor, shift: int) -> torch.Tensor:
+    """(N, N) → (N, N) with out[j, δ] = matrix[j, (δ + shift·j + offset) mod N] for shift = ±1 and offset = 1 (+1)
+    or N (−1), by reading [matrix, matrix] flat with a row stride of 2N ± 1 (copies only, a cheap backward)."""
+    size = matrix.shape[0]
+    flat = torch.cat([matrix, matrix], dim=1).reshape(-1)  # (2N²,): [j, a] at 2N·j + a
+    width, start = (2 * size + 1, 1) if shift == 1 else (2 * size - 1, size)
+    flat = torch.nn.functional.pad(flat, (0, start + size * width - flat.shape[0]))
+    return flat[start: start + size * width].reshape(size, width)[:, :size]
 
 
 def ldr_dense(g: torch.Tensor, h: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """W(G, H)[:m, :n] from the definition: [Circ(g_1) … Circ(g_r)] · [SkewCirc(h_1); …; SkewCirc(h_r)]."""
+    """W(G, H)[:m, :n] from its displacement equation, in O(r·N²) with no FFT per column.
+
+    Z₁W − WZ₋₁ = 2·V with V = Σ_k g_k·(last row of SkewCirc(h_k))ᵀ = Gᵀ·flip(H) (spec §3.2d): column j+1 of W
+    is column j shifted cyclically down minus 2·V[:, j]. Unrolled, with w₀ = Σ_k g_k ⊛ h_k the first column:
+    W[i, j] = w₀[(i−j) mod N] − 2·Σ_{l<j} V[(i−j+1+l) mod N, l].
+    """
     size = g.shape[-1]
-    circulants = torch.cat([circulant_dense(gi, out_features, size) for gi in g], dim=1)  # (m, r·N)
-    skews = torch.cat([skew_circulant_dense(hi)[:, :in_features] for hi in h], dim=0)  # (r·N, n)
-    return circulants @ skews
+    first_column = torch.fft.irfft((torch.fft.rfft(g) * torch.fft.rfft(h)).sum(0), n=size)  # w₀, (N,)
+    coupling_t = h.flip(-1).T @ g  # Vᵀ: [l, a] = V[a, l]
+    diagonals = _skewed_rows(coupling_t, 1).T.contiguous()  # [δ, l] = V[(δ + 1 + l) mod N, l]
+    sums = torch.cumsum(diagonals, dim=1) - diagonals  # [δ, j] = Σ_{l<j} …; cumsum along rows: 4× faster
+    by_diagonal = (first_column[:, None] - 2 * sums).T.contiguous()  # [j, δ]: W[(δ + j) mod N, j]
+    dense_t = _skewed_rows(by_diagonal, -1)  # [j, i] = by_diagonal[j, (i − j) mod N] = W[i, j]
+    return dense_t.T[:out_features, :in_features]
+
+
+# ---- fast product or dense S: the cost model (issue 12) ------------------------------------------------
+#
+# Per step, the fast product costs its transforms on every token row; the dense path builds S once (m × n)
+# and pays matmuls: x·Sᵀ forward, and in training grad·S (input) and gradᵀ·x (for S) backward. Constants
+# measured on the development CPU, one thread, float32, N = 384…4096 (benchmarks/surm.py prints the effect):
+MATMUL_SECONDS_PER_MAC = 4e-11  # large float32 GEMM
+FFT_SECONDS_PER_POINT = 2.5e-10  # one row's real FFT of size L costs this × L·log2(L) (rfft, irfft, skew ≈ same)
+#: the complex multiplies, folds and pads around the transforms: the fast products measured about 2.5× the
+#: time of their FFT calls alone (torch.profiler, LDR r=8 at d = 1024)
+FFT_ELEMENTWISE_FACTOR = 2.5
+#: forward + backward of the dense builds per entry of S (strided copies; LDR adds a rank-r GEMM and a cumsum)
+BUILD_SECONDS_PER_ENTRY = {"circulant": 1e-8, "toeplitz": 1e-8, "ldr": 2e-8}
+LDR_BUILD_SECONDS_PER_ENTRY_AND_RANK = 5e-9
+
+
+def _transforms_per_row(structure: str, displacement_rank: int, training: bool) -> int:
+    """FFTs per token row of the fast product: forward, plus backward (with x's recomputed) when training."""
+    if structure == "ldr":
+        return 5 + 6 * displacement_rank if training else 2 + 2 * displacement_rank
+    return 5 if training else 2  # circulant and Toeplitz: rfft x, irfft; rfft grad, irfft grad x, rfft x
+
+
+def fast_product_is_cheaper(structure: str, tokens: int, rows: int, cols: int, displacement_rank: int = 1,
+                            training: bool = True) -> bool:
+    """Whether S·x by its fast product beats building S (rows × cols) once and multiplying densely, for
+    ``tokens`` rows of x (forward, plus backward when ``training``). Kronecker's product is always cheaper.
+
+    Memory first: the dense path saves S for backward, so in training it is taken only where S is at most half
+    the size of the input it multiplies (tokens ≥ 2·rows), which keeps activation memory within 1.3× LoRA's.
+    """
+    if structure == "kronecker" or (training and tokens < 2 * rows):
+        return True
+    length = fast_fft_length(rows + cols - 1) if structure == "toeplitz" else max(rows, cols)
+    transforms = _transforms_per_row(structure, displacement_rank, training)
+    fast = tokens * transforms * length * math.log2(max(length, 2)) * FFT_SECONDS_PER_POINT * FFT_ELEMENTWISE_FACTOR
+    build_per_entry = BUILD_SECONDS_PER_ENTRY[structure]
+    if structure == "ldr":
+        build_per_entry += LDR_BUILD_SECONDS_PER_ENTRY_AND_RANK * displacement_rank
+    build = rows * cols * build_per_entry * (1 if training else 1 / 3)  # forward ≈ a third of forward + backward
+    dense = tokens * rows * cols * (3 if training else 1) * MATMUL_SECONDS_PER_MAC + build
+    return fast <= dense

@@ -135,9 +135,17 @@ class SurmLayer(HirankLayer):
 
     # ---- the structure ------------------------------------------------------------------------
     def _structured_product(self, v: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """S · v on the last axis, (..., cols) → (..., rows), with the structure's fast product."""
+        """S · v on the last axis, (..., cols) → (..., rows): the structure's fast product, or S built once for
+        this step and one matmul where the cost model says that is cheaper (many tokens per row of S)."""
         settings = self.surm_settings[adapter_name]
         zero_factor = self.surm_B[adapter_name]
+        tokens = v.numel() // max(v.shape[-1], 1)
+        training = torch.is_grad_enabled() and (v.requires_grad or zero_factor.requires_grad)
+        rank = zero_factor.shape[0] if settings.structure == "ldr" else 1
+        if not structured.fast_product_is_cheaper(settings.structure, tokens, settings.rows, settings.cols, rank,
+                                                  training):
+            dtype = torch.promote_types(zero_factor.dtype, torch.float32)  # as the FFTs: float32 at least
+            return (v.to(dtype) @ self._structured_dense(adapter_name).to(dtype).T).to(v.dtype)
         if settings.structure == "circulant":
             return structured.circulant_matvec(self.surm_A[adapter_name] * zero_factor, v, settings.rows)
         if settings.structure == "toeplitz":
