@@ -220,6 +220,8 @@ def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> 
             f"validation / {len(splits.test)} test), budget {options.budget} = {target:,} adapter parameters; "
             f"{len(pending)} of {len(plans)} runs to do → {results_path}"
         )
+        for note in dict.fromkeys(plan.match.note for plan in plans if plan.match.note):
+            print(f"hirank compare: note: {note}")
     for plan in tqdm(pending, desc="runs", disable=not accelerator.is_main_process):
         record = _run(plan, options, task, splits, pairs, accelerator)
         if accelerator.is_main_process:
@@ -261,6 +263,7 @@ def _run(
             },
             "trainable_params": adapter_params,
             "budget_relative_error": (adapter_params - plan.match.target) / plan.match.target,
+            "budget_note": plan.match.note,
             "trainable_params_per_rank": params_per_rank,
             "world_size": accelerator.num_processes,
             "learning_rate": train_config.learning_rate,
