@@ -264,8 +264,9 @@ def _fourierft_grid(shapes: Sequence[Shape]) -> Iterable[Knobs]:
 
 
 def _lokr_grid(shapes: Sequence[Shape]) -> Iterable[Knobs]:
-    for decompose_both in (False, True):
-        yield from ({"r": r, "alpha": r, "decompose_both": decompose_both} for r in _ranks(shapes))
+    # ΔW = w1 ⊗ w2 with w1 f×f (f = decompose_factor; -1: near √d) and w2 (d/f)² at rank r (full once 2r ≥ d/f)
+    for factor in (-1, 16, 8, 4, 2):
+        yield from ({"r": r, "alpha": r, "decompose_factor": factor} for r in _ranks(shapes))
 
 
 def _oft_grid(shapes: Sequence[Shape]) -> Iterable[Knobs]:
@@ -280,6 +281,10 @@ def _boft_grid(shapes: Sequence[Shape]) -> Iterable[Knobs]:
             yield {"boft_block_size": b, "boft_block_num": 0, "boft_n_butterfly_factor": factor}
 
 
+def _hira_grid(shapes: Sequence[Shape]) -> Iterable[Knobs]:
+    return ({"r": r} for r in _ranks(shapes))  # ΔW = W₀ ⊙ (B A): r(in + out) like LoRA
+
+
 # VeRA trains r + out per layer (the r×in and out×r projections are frozen and shared); the paper goes to r=1024.
 _VERA_MAX_RANK = 1024
 
@@ -289,7 +294,7 @@ def _vera_grid(shapes: Sequence[Shape]) -> Iterable[Knobs]:
 
 
 def _vera_beyond_caps(shapes: Sequence[Shape]) -> Iterable[Knobs]:
-    return ({"r": r} for r in (1536, 2048, 4096, 8192, 16384, 32768, 65536))
+    return ({"r": r} for r in (1280, 1536, 2048, 2560, 3072, 4096, 6144, 8192, 12288, 16384))
 
 
 def _randlora_grid(shapes: Sequence[Shape]) -> Iterable[Knobs]:
@@ -316,7 +321,7 @@ KNOB_SPACES: dict[str, KnobSpace] = {
     "lokr": KnobSpace("LoKrConfig", _lokr_grid, from_peft=True),
     "oft": KnobSpace("OFTConfig", _oft_grid, from_peft=True),
     "boft": KnobSpace("BOFTConfig", _boft_grid, from_peft=True),
-    "hira": KnobSpace("HiraConfig", _lora_grid, from_peft=True),
+    "hira": KnobSpace("HiraConfig", _hira_grid, from_peft=True),
     "vera": KnobSpace(
         "VeraConfig", _vera_grid, from_peft=True, caps=f"r ≤ {_VERA_MAX_RANK}", beyond_caps=_vera_beyond_caps
     ),
@@ -354,6 +359,21 @@ def _count_settings(
     return candidates, rejected
 
 
+def _first_beyond_caps(
+    space: KnobSpace, model: nn.Module, shapes: Sequence[Shape], target_modules: Sequence[str], target: int,
+    allowed: float,
+) -> Knobs | None:
+    """The first setting beyond the caps within ``allowed`` of ``target`` (None if none): only to name it."""
+    for knobs in space.beyond_caps(shapes) if space.beyond_caps is not None else ():
+        try:
+            params = count_adapter_parameters(model, space.make_config(target_modules, knobs))
+        except (TypeError, ValueError):
+            continue
+        if abs(params - target) <= allowed * target:
+            return knobs
+    return None
+
+
 def _closest(candidates: list[tuple[Knobs, int]], target: int) -> tuple[Knobs, int]:
     return min(candidates, key=lambda candidate: abs(candidate[1] - target))  # ties: the earlier setting
 
@@ -364,6 +384,7 @@ def match_budget(
     target_params: int,
     target_modules: Sequence[str],
     tolerance: float | None = DEFAULT_BUDGET_TOLERANCE,
+    space: KnobSpace | None = None,
 ) -> BudgetMatch:
     """The natural knob setting of ``method`` (``"lora"``, ``"quanta"``, ``"c3a"``, ... as in
     :data:`KNOB_SPACES`) whose exact adapter parameter count on ``model``'s ``target_modules`` is closest to
@@ -372,9 +393,10 @@ def match_budget(
     When the closest misses by more than ``tolerance`` (relative) but a setting beyond the method's caps would
     not, the natural setting is kept and :attr:`BudgetMatch.note` says so; when nothing reaches the budget,
     :class:`BudgetError` says what is reachable. ``tolerance=None`` never raises: a miss beyond
-    :data:`DEFAULT_BUDGET_TOLERANCE` is then only noted.
+    :data:`DEFAULT_BUDGET_TOLERANCE` is then only noted. ``space`` replaces the method's knob space (e.g. one
+    restricted to some settings).
     """
-    space = knob_space(method)
+    space = space or knob_space(method)
     shapes = target_shapes(model, target_modules)
     candidates, rejected = _count_settings(space, space.grid, model, shapes, target_modules)
     if not candidates:
@@ -384,11 +406,7 @@ def match_budget(
     allowed = DEFAULT_BUDGET_TOLERANCE if tolerance is None else tolerance
     if abs(match.relative_error) <= allowed:
         return match
-    far_knobs = None
-    if space.beyond_caps is not None:
-        beyond, _ = _count_settings(space, space.beyond_caps, model, shapes, target_modules)
-        if beyond and abs(_closest(beyond, target_params)[1] - target_params) <= allowed * target_params:
-            far_knobs = _closest(beyond, target_params)[0]
+    far_knobs = _first_beyond_caps(space, model, shapes, target_modules, target_params, allowed)
     if far_knobs is None and tolerance is not None:
         raise BudgetError(_out_of_reach_message(match, tolerance))
     reach = (
