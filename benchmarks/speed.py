@@ -169,8 +169,8 @@ def plan_rows(names: list[str], base: LinearStack, targets: list[str], budget: i
 
 
 def build(rows: list[Row], base: LinearStack, targets: list[str], x: torch.Tensor) -> list[Row]:
-    """Adapt a shared copy of ``base`` for each row and attach its step; rows that fail to build are dropped
-    (printed)."""
+    """Adapt a shared copy of ``base`` for each row and attach its step; rows that fail to build or to run a
+    step are dropped (printed with the reason)."""
     built = []
     for row in rows:
         try:
@@ -178,14 +178,14 @@ def build(rows: list[Row], base: LinearStack, targets: list[str], x: torch.Tenso
                 warnings.simplefilter("ignore")
                 config = KNOB_SPACES[METHODS[row.method].space].make_config(targets, row.knobs)
                 model = get_peft_model(shared_copy(base), config).to(x.device)
-        except (ValueError, TypeError, RuntimeError, NotImplementedError) as error:
+                model.train()
+                row.params = adapter_parameters(model)
+                row.step = make_step(model, x, train=True)
+                row.step()  # first step: lazy caches, allocator warm
+                measure_memory(row, model, x)
+        except (ValueError, TypeError, RuntimeError, NotImplementedError) as error:  # e.g. a dtype a peer lacks
             print(f"  skipped {row.label} ({format_knobs(row.knobs)}): {error}")
             continue
-        model.train()
-        row.params = adapter_parameters(model)
-        row.step = make_step(model, x, train=True)
-        row.step()  # first step: lazy caches, allocator warm
-        measure_memory(row, model, x)
         built.append(row)
     return built
 
