@@ -153,8 +153,9 @@ class _FilteredOutput(torch.autograd.Function):
             grad_h = grad_h.addcmul_(h_term.unsqueeze(-1), h, value=-1.0)
         grad_probe = h.T @ w  # (d, k+1)
         grad_t = grad_probe[:, -1]
-        if ctx.cosine and bool(t_norm >= ctx.eps):
-            grad_t = grad_t - (grad_score * cosine_score).sum() / t_norm.square() * task_vector
+        if ctx.cosine:  # no host sync: |t| < eps (clamped) passes no gradient through |t|
+            t_term = torch.where(t_norm >= ctx.eps, (grad_score * cosine_score).sum() / t_norm.square(), 0.0)
+            grad_t = grad_t - t_term * task_vector
         grad_C = grad_probe[:, :-1] if C is not None else None
         return grad_h.reshape(shape), grad_t, grad_D, grad_C, None, None, None
 
