@@ -160,7 +160,8 @@ def plan_rows(names: list[str], base: LinearStack, targets: list[str], budget: i
             skipped.append(f"{name}: cannot fit these layers ({error})")
             continue
         default = method.default
-        same = default is not None and count_adapter_parameters(base, space.make_config(targets, default)) == match.params
+        same = default is not None and match.params == count_adapter_parameters(
+            base, space.make_config(targets, default))
         rows.append(Row(name, "budget = default" if same else "budget", match.knobs, note=match.note,
                         step_target=method.step_target))
         if default is not None and not same:
@@ -208,7 +209,7 @@ def run_setting(d: int, tokens: int, names: list[str], args: Any, dtype: torch.d
     for parameter in base.parameters():
         parameter.requires_grad_(False)
     targets = base.target_modules()
-    budget = adapter_parameters(get_peft_model(shared_copy(base), KNOB_SPACES["lora"].make_config(targets, lora_knobs(8))))
+    budget = count_adapter_parameters(base, KNOB_SPACES["lora"].make_config(targets, lora_knobs(8)))
     x = torch.randn(tokens // SEQ_LEN, SEQ_LEN, d, device=common.DEVICE, dtype=dtype, requires_grad=True)
     started = time.perf_counter()
     rows, skipped = plan_rows(names, base, targets, budget)
@@ -294,7 +295,8 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", default=["512", "d"],
                         help="tokens per step (multiples of 128); 'd' means max(d, 512), the LLM training regime")
     parser.add_argument("--methods", default="all",
-                        help=f"comma-separated, 'hirank', 'peers' or 'all' (LoRA always runs); known: {', '.join(METHODS)}")
+                        help=f"comma-separated names, 'hirank', 'peers' or 'all' (LoRA always runs): "
+                             f"{', '.join(METHODS)}")
     parser.add_argument("--rounds", type=int, default=7, help="timed interleaved rounds")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--quick", action="store_true", help="d=1024, 512 tokens, 3 rounds (about 2 minutes)")

@@ -8,10 +8,12 @@ import pytest
 from peft import get_peft_model
 from torch import nn
 
+import hirank
 from hirank.analysis import trainable_parameters
 from hirank.bench.budget import BudgetError, count_adapter_parameters, match_budget, parse_budget
 from hirank.bench.methods import METHODS, MethodUnavailableError, get_method
 from hirank.bench.models import load_model
+from hirank.budget import KNOB_SPACES
 
 TARGETS = ["query", "value"]
 
@@ -143,3 +145,13 @@ def test_match_budget_is_public_in_analysis(bert) -> None:
     assert inspect.signature(hirank.analysis.match_budget).parameters["tolerance"].default == DEFAULT_BUDGET_TOLERANCE
     with pytest.raises(BudgetError, match="out of reach"):
         hirank.analysis.match_budget("lora", bert, 100, TARGETS)
+
+
+@pytest.mark.parametrize("method", sorted(set(KNOB_SPACES) - set(METHODS)))
+def test_peft_peers_match_a_lora_budget_exactly_counted(method: str) -> None:
+    model = Square(64)
+    target = parse_budget("lora-r4", model, ["proj"])
+    match = hirank.analysis.match_budget(method, model, target, ["proj"], tolerance=None)
+    assert match.note or abs(match.relative_error) <= 0.10
+    real = get_peft_model(copy.deepcopy(model), KNOB_SPACES[method].make_config(["proj"], match.knobs))
+    assert trainable_parameters(real) == match.params

@@ -16,9 +16,7 @@ from ..budget import (  # noqa: F401  (re-exported for the harness)
     knob_space,
     lora_knobs,
     match_budget,
-    meta_copy,
     saved_module_parameters,
-    target_shapes,
 )
 
 _LORA_BUDGET = re.compile(r"lora-r(\d+)")

@@ -15,14 +15,13 @@ from typing import Any
 
 from peft import PeftConfig
 
-from ..budget import (  # noqa: F401  (format_knobs, lora_knobs: re-exported for the harness)
+from ..budget import (  # noqa: F401  (format_knobs: re-exported for the report)
     KNOB_SPACES,
     KnobSpace,
     Knobs,
     MethodUnavailableError,
     Shape,
     format_knobs,
-    lora_knobs,
 )
 
 
