@@ -24,6 +24,13 @@ from hirank.analysis import trainable_parameters
 DEVICE = torch.device(os.environ.get("HIRANK_BENCH_DEVICE", "cpu"))
 
 
+def use_device(name: str) -> torch.device:
+    """Run this process's benchmarks on ``name`` (``cpu``, ``cuda``): what ``HIRANK_BENCH_DEVICE`` sets."""
+    global DEVICE
+    DEVICE = torch.device(name)
+    return DEVICE
+
+
 def synchronize() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
@@ -84,22 +91,67 @@ def clock() -> Callable[[], float]:
     return time.thread_time if DEVICE.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
 
 
-def best_seconds(steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Best time (by :func:`clock`) of each step over ``rounds`` rounds that run every step once, in turn, so
-    that changes in machine load hit all methods alike and the minimum filters them out."""
+def interleaved_seconds(
+    steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 2, progress: Callable[[int], None] | None = None
+) -> dict[str, list[float]]:
+    """Times (by :func:`clock`) of each step in each of ``rounds`` rounds that run every step once, in turn, so
+    that changes in machine load hit all methods alike; ``progress(round)`` is called after each round."""
     now = clock()
     for _ in range(warmup):
         for step in steps.values():
             step()
-    best = dict.fromkeys(steps, float("inf"))
-    for _ in range(rounds):
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(rounds):
         for name, step in steps.items():
             synchronize()
             start = now()
             step()
             synchronize()
-            best[name] = min(best[name], now() - start)
-    return best
+            times[name].append(now() - start)
+        if progress is not None:
+            progress(round_index)
+    return times
+
+
+def best_seconds(steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Best time of each step over :func:`interleaved_seconds` rounds (the minimum filters load out)."""
+    return {name: min(times) for name, times in interleaved_seconds(steps, rounds, warmup).items()}
+
+
+def saved_activation_bytes(run: Callable[[], torch.Tensor], model: nn.Module) -> int:
+    """Bytes autograd keeps for backward while ``run()`` computes a loss (then back-propagated): every distinct
+    storage saved by an op, the model's parameters and buffers (and views of them) excluded. Deterministic, so
+    it compares methods on a loaded machine where timings cannot."""
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights and storage.device.type != "meta":
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = run()
+    loss.backward()
+    return sum(saved.values())
+
+
+class LinearStack(nn.Module):
+    """``depth`` d×d ``nn.Linear`` layers (``linears.0`` …) with GELU between: a small MLP tower whose every layer
+    an adapter targets, so that adapters read and feed activations as inside a network."""
+
+    def __init__(self, d: int, depth: int = 4) -> None:
+        super().__init__()
+        self.linears = nn.ModuleList(nn.Linear(d, d) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for index, linear in enumerate(self.linears):
+            x = linear(x if index == 0 else nn.functional.gelu(x))
+        return x
+
+    def target_modules(self) -> list[str]:
+        return [f"linears.{index}" for index in range(len(self.linears))]
 
 
 def batch(batch_size: int = 8, seq_len: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:

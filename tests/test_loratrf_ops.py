@@ -76,3 +76,26 @@ def test_positions_select_first_and_last_tokens():
 def test_unknown_similarity_raises():
     with pytest.raises(ValueError, match="unknown similarity 'l2'"):
         loratrf.task_gate(torch.ones(2, 3), torch.ones(3), "l2")
+
+
+@pytest.mark.parametrize("transform", ["low_rank", "diagonal"])
+@pytest.mark.parametrize("similarity", loratrf.SIMILARITIES)
+@pytest.mark.parametrize("positions", [(0, 0), (2, 1)])
+def test_memory_lean_filter_matches_autograd_and_keeps_no_copy_of_h(transform, similarity, positions):
+    tensors = _tensors()
+    h = tensors["h"].requires_grad_()
+    t = (tensors["t"] * (0.3 if similarity == "dot" else 1.0)).requires_grad_()  # dot gate partly unsaturated
+    C = tensors["C"].requires_grad_() if transform == "low_rank" else None
+    D = (tensors["D"] if transform == "low_rank" else 0.3 * tensors["diag"]).requires_grad_()
+    inputs = [x for x in (h, t, C, D) if x is not None]
+    expected = h + loratrf.filter_delta(h, t, D, C, similarity, *positions)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        out = loratrf.filtered_output(h, t, D, C, similarity, *positions)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-13)
+    grad = torch.randn_like(out)
+    for ours, reference in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    # only the output is kept at full width (the next op keeps it anyway); h is recovered from it
+    wide = [x for x in saved if x is not None and x.numel() >= h.numel()]
+    assert len(wide) == 1 and wide[0].data_ptr() == out.data_ptr()

@@ -4,14 +4,23 @@ method's knobs to a parameter budget."""
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-if TYPE_CHECKING:
-    from .bench.budget import BudgetMatch
+from .budget import DEFAULT_BUDGET_TOLERANCE, BudgetMatch, match_budget
+
+__all__ = [
+    "DEFAULT_BUDGET_TOLERANCE",
+    "BudgetMatch",
+    "delta_weights",
+    "effective_rank",
+    "match_budget",
+    "spectrum",
+    "trainable_parameters",
+]
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -85,23 +94,3 @@ def effective_rank(matrix: torch.Tensor, tol: Optional[float] = None) -> int:
         eps = torch.finfo(matrix.dtype if matrix.dtype.is_floating_point else torch.float32).eps
         tol = float(values[0]) * max(matrix.shape[-2:]) * eps
     return int((values > tol).sum())
-
-
-#: How far (relative) a method's closest adapter parameter count may miss a budget before matching fails.
-DEFAULT_BUDGET_TOLERANCE = 0.10
-
-
-def match_budget(
-    method: str,
-    model: nn.Module,
-    target_params: int,
-    target_modules: Sequence[str],
-    tolerance: Optional[float] = DEFAULT_BUDGET_TOLERANCE,
-) -> "BudgetMatch":
-    """The knobs of ``method`` (``"lora"``, ``"quanta"``, ... as in ``hirank list``) whose exact adapter parameter
-    count on ``model``'s ``target_modules`` is closest to ``target_params``; raises ``BudgetError`` when the
-    closest misses by more than ``tolerance`` (relative). See :func:`hirank.bench.budget.match_budget`.
-    """
-    from .bench.budget import match_budget as match  # bench imports hirank: import it only when used
-
-    return match(method, model, target_params, target_modules, tolerance)

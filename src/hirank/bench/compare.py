@@ -228,6 +228,8 @@ def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> 
             f"validation / {len(splits.test)} test), budget {options.budget} = {target:,} adapter parameters; "
             f"{len(pending)} of {len(plans)} runs to do → {results_path}"
         )
+        for note in dict.fromkeys(plan.match.note for plan in plans if plan.match.note):
+            print(f"hirank compare: note: {note}")
     progress = tqdm(
         total=len(pending),
         desc="runs",
@@ -379,6 +381,7 @@ def _run(
             },
             "trainable_params": adapter_params,
             "budget_relative_error": (adapter_params - plan.match.target) / plan.match.target,
+            "budget_note": plan.match.note,
             "trainable_params_per_rank": params_per_rank,
             "world_size": accelerator.num_processes,
             "learning_rate": train_config.learning_rate,

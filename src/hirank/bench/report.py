@@ -252,6 +252,12 @@ weights (— if the method cannot merge), and of the base model.
 """
 
 
+def _budget_notes(records: list[Record]) -> list[str]:
+    """One line per method whose natural knobs could not reach the budget (its row is at its natural size)."""
+    notes = dict.fromkeys(record["budget_note"] for record in records if record.get("budget_note"))
+    return ["**Budget not reached naturally:**", *(f"- {note}" for note in notes), ""] if notes else []
+
+
 def build_report(folder: Path) -> str:
     """Write ``report.md`` and the plots for the results in ``folder``; returns the markdown table."""
     folder = Path(folder)
@@ -280,6 +286,7 @@ def build_report(folder: Path) -> str:
             table,
             "",
             _NOTES.format(target=first["target_params"], memory=memory),
+            *_budget_notes(records),
             f"![test accuracy vs trainable parameters]({ACCURACY_PLOT})",
             "",
             f"![step time per method]({STEP_TIME_PLOT})",

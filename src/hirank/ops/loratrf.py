@@ -70,3 +70,114 @@ def filter_delta(
     if first or last:
         gate = gate * position_mask(h.shape[-2], first, last, h.device)
     return enhance(h, gate, D, C)
+
+
+# Below which |1 + g·D_j| the diagonal filter keeps its input h for backward instead of recovering h = y / (1 + g·D)
+# (division would lose precision); D starts at 0, so in practice h is recovered.
+_MIN_DIAGONAL_SCALE = 0.25
+
+
+class _FilteredOutput(torch.autograd.Function):
+    """y = h + g·h·T (low_rank T = C·D, or diagonal T = diag(D)) saving only y and per-token scalars (k + 2 floats)
+    for backward: h is recovered from y (low_rank: h = y − (g·hC)·D; diagonal: h = y / (1 + g·D)) and y is what
+    the next op saves anyway (GELU, attention), so the filter adds ≈ nothing to activation memory where autograd's
+    own path keeps h, h·t, |h|, hC, ... Gradients follow :func:`filter_delta` (clamp and clamp_min pass the bounds)."""
+
+    @staticmethod
+    def forward(ctx, h, task_vector, D, C, cosine: bool, mask, eps: float):  # type: ignore[override]
+        shape = h.shape
+        h = h.reshape(-1, shape[-1])  # (n, d)
+        probe = task_vector.unsqueeze(-1) if C is None else torch.cat([C, task_vector.unsqueeze(-1)], dim=1)
+        projected = h @ probe  # (n, k+1) low_rank: [hC, h·t]; diagonal: (n, 1) [h·t]
+        score = projected[:, -1]
+        h_norm = torch.linalg.vector_norm(h, dim=-1) if cosine else None
+        t_norm = torch.linalg.vector_norm(task_vector) if cosine else None
+        cosine_score = score / (h_norm.clamp_min(eps) * t_norm.clamp_min(eps)) if cosine else score
+        gate = cosine_score.clamp(0.0, 1.0)
+        if mask is not None:
+            gate = gate * mask
+        saved_h = None
+        if C is not None:  # y = h + (g·hC)·D
+            y = torch.addmm(h, gate.unsqueeze(-1) * projected[:, :-1], D)
+            u = projected[:, :-1]
+        else:  # y = h ⊙ (1 + g·D)
+            scale = torch.addcmul(torch.ones_like(D), gate.unsqueeze(-1), D)  # (n, d) transient
+            y = h * scale
+            u = None
+            if bool(scale.abs().amin() < _MIN_DIAGONAL_SCALE):
+                saved_h = h
+        y = y.reshape(shape)
+        ctx.cosine, ctx.eps, ctx.keep_h = cosine, eps, saved_h is not None
+        ctx.save_for_backward(y, u, cosine_score, h_norm, t_norm, task_vector, D, C, mask, saved_h)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        y, u, cosine_score, h_norm, t_norm, task_vector, D, C, mask, saved_h = ctx.saved_tensors
+        shape = grad_y.shape
+        dy = grad_y.reshape(-1, shape[-1])
+        y = y.reshape(-1, shape[-1])
+        gate = cosine_score.clamp(0.0, 1.0)
+        passes = (cosine_score >= 0) & (cosine_score <= 1)  # clamp's gradient mask
+        if mask is not None:
+            gate = gate * mask
+            passes = passes & mask.bool()
+        g = gate.unsqueeze(-1)
+        if C is not None:
+            v = g * u  # (n, k)
+            h = torch.addmm(y, v, D, alpha=-1.0)  # h = y − v·D
+            dv = dy @ D.T  # (n, k)
+            grad_D = v.T @ dy  # (k, d)
+            grad_gate = (dv * u).sum(-1)
+            grad_u = g * dv
+        else:
+            scale = torch.addcmul(torch.ones_like(D), g, D)
+            h = saved_h if ctx.keep_h else y / scale
+            hdy = h * dy
+            grad_D = hdy.T @ gate  # (d,)
+            grad_gate = hdy @ D
+            grad_u = None
+        grad_score = torch.where(passes, grad_gate, torch.zeros_like(grad_gate))
+        if ctx.cosine:  # c = s / (|h|·|t|)
+            h_scale = h_norm.clamp_min(ctx.eps)
+            t_scale = t_norm.clamp_min(ctx.eps)
+            a = grad_score / (h_scale * t_scale)  # ∂L/∂s
+            h_term = torch.where(h_norm >= ctx.eps, grad_score * cosine_score / h_norm.square(), 0.0)
+        else:
+            a, h_term = grad_score, None
+        w = a.unsqueeze(-1) if grad_u is None else torch.cat([grad_u, a.unsqueeze(-1)], dim=1)  # (n, k+1)
+        probe = task_vector.unsqueeze(-1) if C is None else torch.cat([C, task_vector.unsqueeze(-1)], dim=1)
+        base = dy if C is not None else dy * scale
+        grad_h = torch.addmm(base, w, probe.T)
+        if h_term is not None:
+            grad_h = grad_h.addcmul_(h_term.unsqueeze(-1), h, value=-1.0)
+        grad_probe = h.T @ w  # (d, k+1)
+        grad_t = grad_probe[:, -1]
+        if ctx.cosine:  # no host sync: |t| < eps (clamped) passes no gradient through |t|
+            t_term = torch.where(t_norm >= ctx.eps, (grad_score * cosine_score).sum() / t_norm.square(), 0.0)
+            grad_t = grad_t - t_term * task_vector
+        grad_C = grad_probe[:, :-1] if C is not None else None
+        return grad_h.reshape(shape), grad_t, grad_D, grad_C, None, None, None
+
+
+def filtered_output(
+    h: torch.Tensor,
+    task_vector: torch.Tensor,
+    D: torch.Tensor,
+    C: Optional[torch.Tensor] = None,
+    similarity: str = "cosine",
+    first: int = 0,
+    last: int = 0,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """The filtered h: h + :func:`filter_delta`, memory-lean (:class:`_FilteredOutput`) for low_rank and
+    diagonal T; the dense T goes through autograd."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {similarity!r}; choose one of {SIMILARITIES}.")
+    if C is None and D.ndim == 2:
+        return h + filter_delta(h, task_vector, D, C, similarity, first, last)
+    mask = None
+    if first or last:  # (seq,) broadcast over the leading axes of the flattened (batch·seq) tokens
+        mask = position_mask(h.shape[-2], first, last, h.device).squeeze(-1).to(h.dtype)
+        mask = mask.expand(h.shape[:-1]).reshape(-1)
+    return _FilteredOutput.apply(h, task_vector, D, C, similarity == "cosine", mask, eps)

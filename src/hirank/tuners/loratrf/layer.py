@@ -45,14 +45,25 @@ class TaskFilter(nn.Module):
             nn.init.uniform_(D, -(fan_in**-0.5), fan_in**-0.5)
         self.D = nn.Parameter(D)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def _check_shape(self, h: torch.Tensor) -> None:
         if (self.first or self.last) and h.ndim < 3:
             raise ValueError(
                 f"module {self.module_name!r}: filter_positions='f{self.first}+l{self.last}' needs outputs shaped "
                 f"(batch, seq, features), got shape {tuple(h.shape)}; use filter_positions='all' for this model."
             )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self._check_shape(h)
         h = h.to(self.D.dtype)
         return loratrf.filter_delta(h, self.task_vector, self.D, self.C, self.similarity, self.first, self.last)
+
+    def filtered(self, h: torch.Tensor) -> torch.Tensor:
+        """h + forward(h), in h's dtype; memory-lean (autograd keeps y, not h: ``loratrf.filtered_output``)."""
+        self._check_shape(h)
+        y = loratrf.filtered_output(
+            h.to(self.D.dtype), self.task_vector, self.D, self.C, self.similarity, self.first, self.last
+        )
+        return y.to(h.dtype)
 
     def transformation(self) -> torch.Tensor:
         """Dense T (d, d)."""
@@ -65,6 +76,9 @@ class TaskFilter(nn.Module):
 
 def apply_filters(h: torch.Tensor, filters: Iterable[TaskFilter]) -> torch.Tensor:
     """h + Σ filter(h): several active adapters' filters all read the same h and add their edits."""
+    filters = list(filters)
+    if len(filters) == 1:  # the usual case: one filter, memory-lean
+        return filters[0].filtered(h)
     edits = [task_filter(h).to(h.dtype) for task_filter in filters]
     for edit in edits:
         h = h + edit
