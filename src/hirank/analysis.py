@@ -10,6 +10,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .convert import LoraConversion, lora_energy_by_rank, to_lora  # noqa: F401  (serving: LoRA by SVD of ΔW)
+
 if TYPE_CHECKING:
     from .bench.budget import BudgetMatch
 
