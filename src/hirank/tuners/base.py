@@ -9,8 +9,8 @@ A method provides three classes, as peft does for each tuner:
 * a model: a subclass of :class:`HirankModel` naming the layer class and the unique prefix.
 
 Everything else (wrapping ``nn.Linear`` / transformers ``Conv1D``, clear errors for unknown
-targets or layer types, fp32 merge with a single cast, unmerge, several adapters, enabling and
-disabling) lives here once.
+targets or layer types, fp32 merge with a single cast, into bitsandbytes 4-/8-bit weights too, unmerge,
+several adapters, enabling and disabling) lives here once.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from peft.config import PeftConfig
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -141,6 +142,64 @@ def layer_dims(base_layer: nn.Module) -> tuple[int, int, bool]:
     raise TypeError(f"layer type {type(base_layer).__name__} is not supported; supported types: {supported}.")
 
 
+def quantized_weight_kind(base_layer: nn.Module) -> Optional[str]:
+    """"4bit" or "8bit" for a bitsandbytes-quantized weight (``Linear4bit``, ``Linear8bitLt``), else None."""
+    weight = base_layer.weight
+    kind = get_bnb_param_type(weight)
+    if kind == "8bit" and weight.dtype != torch.int8:  # Int8Params(has_fp16_weights=True) holds a float weight
+        return None
+    return kind or None
+
+
+def check_weight_storage(base_layer: nn.Module) -> None:
+    """TypeError unless hirank can read and merge into the layer's weight: a float tensor or bitsandbytes 4/8-bit."""
+    weight = base_layer.weight
+    if weight.dtype.is_floating_point or quantized_weight_kind(base_layer) is not None:
+        return
+    raise TypeError(
+        f"its weight is stored as {type(weight).__name__} of {weight.dtype} ({type(base_layer).__name__}), which hirank "
+        "cannot merge into. Supported: float weights and bitsandbytes Linear4bit / Linear8bitLt."
+    )
+
+
+def merge_weight_dtype(base_layer: nn.Module) -> torch.dtype:
+    """The dtype of the layer's weight as ΔW is added to it (what a quantized weight dequantizes to)."""
+    kind = quantized_weight_kind(base_layer)
+    if kind == "4bit":
+        return base_layer.weight.quant_state.dtype
+    return torch.float32 if kind == "8bit" else base_layer.weight.dtype
+
+
+def dense_base_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as a dense float tensor in its stored layout (bitsandbytes weights dequantized)."""
+    kind = quantized_weight_kind(base_layer)
+    if kind is None:
+        return base_layer.weight.data
+    state = base_layer.weight.quant_state if kind == "4bit" else base_layer.state
+    return dequantize_bnb_weight(base_layer.weight, state=state).to(merge_weight_dtype(base_layer))
+
+
+def store_base_weight(base_layer: nn.Module, weight: torch.Tensor) -> None:
+    """Write a dense float weight back: cast once to the stored dtype, or requantize a bitsandbytes weight
+    with its own settings (peft's ``lora/bnb.py`` merge)."""
+    kind = quantized_weight_kind(base_layer)
+    old = base_layer.weight
+    if kind is None:
+        old.data = weight.to(old.dtype)
+        return
+    import bitsandbytes as bnb
+
+    if kind == "4bit":
+        settings = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}
+        settings.update(requires_grad=False, bnb_quantized=False)
+        dense = weight.to(merge_weight_dtype(base_layer)).to("cpu")
+        base_layer.weight = bnb.nn.Params4bit(dense, **settings).to(old.device)
+    else:
+        dense = weight.to("cpu")
+        base_layer.weight = bnb.nn.Int8Params(dense, requires_grad=False, has_fp16_weights=False).to(old.device)
+        base_layer.state.reset_grads()
+
+
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     """Adapters keep at least float32 master weights (float64 stays float64)."""
     return torch.promote_types(base_dtype, torch.float32) if base_dtype.is_floating_point else torch.float32
@@ -208,30 +267,38 @@ class HirankLayer(nn.Module, BaseTunerLayer):
         return set(getattr(self, self.adapter_layer_names[0]).keys())
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """Dense ΔW in the base weight's layout and dtype (peft's convention; Conv1D is transposed)."""
+        """Dense ΔW in the base weight's layout and dtype (peft's convention; Conv1D is transposed).
+        For a bitsandbytes 4-/8-bit base, the dtype its weight dequantizes to."""
         delta = self.delta_weight(adapter_name)
         delta = delta.T if self.fan_in_fan_out else delta
-        return delta.to(self.get_base_layer().weight.dtype)
+        return delta.to(merge_weight_dtype(self.get_base_layer()))
 
     def _check_mergeable(self) -> None:
         if not self.mergeable:
             raise ValueError(f"{type(self).__name__} cannot be merged: {self.not_mergeable_reason}")
 
+    def _add_to_base_weight(self, adapter_name: str, sign: float, safe_merge: bool = False) -> None:
+        """W ← W + sign·ΔW, summed in float32 (at least) and stored back once (requantized for bitsandbytes)."""
+        base_layer = self.get_base_layer()
+        weight = dense_base_weight(base_layer)
+        delta = self.delta_weight(adapter_name)
+        delta = delta.T if self.fan_in_fan_out else delta
+        accumulate = torch.promote_types(weight.dtype, delta.dtype)
+        merged = weight.to(accumulate) + sign * delta.to(weight.device, accumulate)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs or infs detected in the merged weights; adapter {adapter_name!r} seems broken.")
+        store_base_weight(base_layer, merged)
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add ΔW of the given (default: active) adapters to the base weight: fp32 sum, then one cast."""
+        """Add ΔW of the given (default: active) adapters to the base weight: fp32 sum, then one cast.
+        A bitsandbytes 4-/8-bit weight is dequantized, summed in float32 and requantized (as peft's LoRA does),
+        so merged outputs match unmerged ones up to the quantization error."""
         self._check_mergeable()
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        weight = self.get_base_layer().weight
-        accumulate = adapter_dtype(weight.dtype)
         for name in adapter_names:
             if name not in self._adapter_names():
                 continue
-            delta = self.delta_weight(name)
-            delta = delta.T if self.fan_in_fan_out else delta
-            merged = weight.data.to(accumulate) + delta.to(weight.device, accumulate)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs or infs detected in the merged weights; adapter {name!r} seems broken.")
-            weight.data = merged.to(weight.dtype)
+            self._add_to_base_weight(name, 1.0, safe_merge)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -239,15 +306,10 @@ class HirankLayer(nn.Module, BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        weight = self.get_base_layer().weight
-        accumulate = adapter_dtype(weight.dtype)
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            if name not in self._adapter_names():
-                continue
-            delta = self.delta_weight(name)
-            delta = delta.T if self.fan_in_fan_out else delta
-            weight.data = (weight.data.to(accumulate) - delta.to(weight.device, accumulate)).to(weight.dtype)
+            if name in self._adapter_names():
+                self._add_to_base_weight(name, -1.0)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -315,6 +377,7 @@ class HirankModel(BaseTuner):
                     f"it is a {type(base).__name__}, which {type(self).__name__.removesuffix('Model')} does not "
                     "support. Target nn.Linear or transformers Conv1D modules instead (e.g. the attention projections)."
                 )
+            check_weight_storage(base)
             new_module = self.tuner_layer_cls(target, adapter_name, config, module_name=current_key)
         except (TypeError, ValueError) as error:  # say which module, whatever the method objected to
             raise type(error)(f"Cannot adapt module {current_key!r}: {error}") from error

@@ -73,7 +73,8 @@ class QuantaLayer(HirankLayer):
         key = (theta0.data_ptr(), theta0._version, x.dtype, x.device)
         cached = self._theta0_dense_cache.get(adapter_name)
         if cached is None or cached[0] != key:
-            cached = (key, circuit.dense(theta0.to(x.dtype)))
+            with torch.autocast(x.device.type, enabled=False):  # in x.dtype, even if first built under autocast
+                cached = (key, circuit.dense(theta0.to(x.dtype)))
             self._theta0_dense_cache[adapter_name] = cached
         return x @ cached[1].T
 
