@@ -342,9 +342,9 @@ class QuantaCircuit:
         return _relayout(grad, layout, natural).reshape(grad.shape[0], self.in_size), gate_grads
 
 
-#: Backward recomputes the gate inputs for this many tokens at a time, so that its transient memory is about
-#: one state (T × N) whatever the number of gates (and the chunk's states stay in cache).
 def _backward_chunk(tokens: int, n_gates: int) -> int:
+    """Tokens per backward chunk: the recomputed gate inputs of one chunk then take about one state (T × N),
+    whatever the number of gates."""
     return max(1, -(-tokens // max(1, n_gates - 1)))
 
 
