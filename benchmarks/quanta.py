@@ -1,71 +1,164 @@
-"""QuanTA vs peft LoRA on a MiniLM-shaped encoder (query, value adapted): training-step time at about
-equal trainable parameters, the two ways of handling the frozen θ₀ branch, and forward time merged vs base.
+"""QuanTA vs peft LoRA r=8 and vs the authors' einsum layer: training-step time and saved activation memory.
 
-    .venv/bin/python benchmarks/quanta.py [--threads N]
+A model of 4 Linear(d, d) layers with GELU between, every Linear adapted; one step is forward + backward +
+AdamW. Methods: peft LoRA r=8; QuanTA at its default factors and at LoRA r=8's parameter budget
+(``hirank.analysis.match_budget``); and, at the same factors, a reference layer written from the paper: one
+``torch.einsum`` per gate on the reshaped activation, in the official gate order, with −M(θ₀) folded into a
+copy of W₀ once (as the official code folds it into W at the first forward), autograd saving every gate
+input. Timing: interleaved rounds (each method once per round, thread CPU time), median and spread
+(min–max) of the per-round ratio to LoRA. Memory: bytes autograd saves for backward during one forward
+(saved-tensor hooks, each storage once), deterministic.
+
+    .venv/bin/python benchmarks/quanta.py [--dims 1024,2048,4096] [--tokens 512,d] [--rounds 7] [--threads 1]
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
-from contextlib import contextmanager
+import time
 from pathlib import Path
+from typing import Callable
 
-from peft import LoraConfig
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import hirank  # noqa: E402
-from common import (  # noqa: E402
-    DEVICE, adapted, argument_parser, batch, forward_seconds, minilm_like, parse_args, print_table, train_step_seconds,
-)
-from hirank.tuners.quanta import layer as quanta_layer  # noqa: E402
+from common import argument_parser, parse_args, print_table  # noqa: E402
+from hirank.analysis import match_budget, trainable_parameters  # noqa: E402
+from hirank.ops.quanta import QuantaCircuit, gate_pairs  # noqa: E402
 
-TARGETS = ["query", "value"]
+TARGETS = ["0", "2", "4", "6"]
 
 
-@contextmanager
-def theta0_branch(max_ratio: float):
-    """Force how the frozen θ₀ branch runs: 0 → always the circuit, inf → always a cached dense M(θ₀)."""
-    original = quanta_layer.DENSE_THETA0_MAX_RATIO
-    quanta_layer.DENSE_THETA0_MAX_RATIO = max_ratio
-    try:
-        yield
-    finally:
-        quanta_layer.DENSE_THETA0_MAX_RATIO = original
+def mlp(d: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d), nn.GELU(),
+                         nn.Linear(d, d))
+
+
+class EinsumQuanta(nn.Module):
+    """The paper's layer (spec §1.2–1.4): W' = W₀ − M(θ₀) computed once; y = W'x + b + chain of einsums of x."""
+
+    def __init__(self, base: nn.Linear, circuit: QuantaCircuit, gates: torch.Tensor) -> None:
+        super().__init__()
+        self.circuit = circuit
+        self.gates = nn.ParameterList([nn.Parameter(g.clone()) for g in circuit.split(gates)])
+        with torch.no_grad():
+            self.register_buffer("weight", base.weight - circuit.dense(gates))
+            self.register_buffer("bias", base.bias.clone())
+        letters = "abcdefghijklmnop"[: len(circuit.in_factors)]
+        self.equations = []
+        for a, b in gate_pairs(len(circuit.in_factors)):
+            out = "".join(c.upper() if i in (a, b) else c for i, c in enumerate(letters))
+            self.equations.append(f"...{letters},{letters[a].upper()}{letters[b].upper()}{letters[a]}{letters[b]}->...{out}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = x.reshape(*x.shape[:-1], *self.circuit.in_factors)
+        for equation, gate in zip(self.equations, self.gates):
+            state = torch.einsum(equation, state, gate)
+        return nn.functional.linear(x, self.weight, self.bias) + state.reshape(x.shape)
+
+
+def einsum_model(quanta_model: nn.Module, d: int) -> nn.Module:
+    """The MLP with each QuanTA layer of ``quanta_model`` replaced by the reference layer (same gates)."""
+    model = mlp(d)
+    for index in TARGETS:
+        layer = quanta_model.base_model.model[int(index)]
+        model[int(index)] = EinsumQuanta(layer.get_base_layer(), layer.quanta_circuit["default"],
+                                         layer.quanta_gates["default"].detach())
+    for p in model.parameters():
+        p.requires_grad_(isinstance(p, nn.Parameter) and p.dim() == 4)
+    return model
+
+
+def train_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        optimizer.step()
+
+    return step
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward during one forward (each storage once; frozen weights excluded)."""
+    frozen = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
+        b.untyped_storage().data_ptr() for b in model.buffers()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in frozen:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(storages.values())
+
+
+def compare(d: int, tokens: int, rounds: int) -> list[dict[str, object]]:
+    x = torch.randn(tokens, d)
+    lora = get_peft_model(mlp(d), LoraConfig(target_modules=TARGETS, r=8, lora_alpha=16))
+    budget = trainable_parameters(lora)
+    match = match_budget("quanta", mlp(d), budget, TARGETS, tolerance=None)
+    models = {"lora r=8": lora,
+              "quanta default": get_peft_model(mlp(d), hirank.QuantaConfig(target_modules=TARGETS)),
+              "quanta at budget": get_peft_model(mlp(d), hirank.QuantaConfig(target_modules=TARGETS, **match.knobs))}
+    models["einsum ref (default factors)"] = einsum_model(models["quanta default"], d)
+    models["einsum ref (budget factors)"] = einsum_model(models["quanta at budget"], d)
+    steps = {name: train_step(model.train(), x) for name, model in models.items()}
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.thread_time()
+            step()
+            times[name].append(time.thread_time() - start)
+    memory = {name: saved_bytes(model, x) for name, model in models.items()}
+
+    def ratio(name: str, reference: str) -> str:
+        per_round = [a / b for a, b in zip(times[name], times[reference])]
+        return f"{statistics.median(per_round):.2f} ({min(per_round):.2f}–{max(per_round):.2f})"
+
+    rows = []
+    for name, model in models.items():
+        circuit = (model.base_model.model[0].quanta_circuit["default"] if name.startswith("quanta")
+                   else model[0].circuit if name.startswith("einsum") else None)
+        reference = "einsum ref (default factors)" if name == "quanta default" else (
+            "einsum ref (budget factors)" if name == "quanta at budget" else None)
+        rows.append({
+            "d": d, "tokens": tokens, "method": name,
+            "factors": "-" if circuit is None else "·".join(map(str, circuit.in_factors)),
+            "params": trainable_parameters(model),
+            "step ms": f"{1e3 * statistics.median(times[name]):.1f}",
+            "step ÷ LoRA": ratio(name, "lora r=8"),
+            "einsum ref ÷ this": "-" if reference is None else ratio(reference, name),
+            "saved MiB": f"{memory[name] / 2**20:.1f}",
+            "memory ÷ LoRA": f"{memory[name] / memory['lora r=8']:.2f}",
+        })
+    return rows
 
 
 def main() -> None:
-    parser = argument_parser(__doc__, threads=2)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser = argument_parser(__doc__, threads=1)
+    parser.add_argument("--dims", default="1024,2048,4096")
+    parser.add_argument("--tokens", default="512,d", help="comma list; 'd' means as many tokens as the width")
+    parser.add_argument("--rounds", type=int, default=7)
     args = parse_args(parser)
-    inputs = batch(batch_size=args.batch_size, seq_len=args.seq_len)
-
     rows = []
-    base = minilm_like()
-    rows.append({"method": "base model (full forward only)", "trainable": 0,
-                 "train step ms": "-", "forward ms": f"{1e3 * forward_seconds(base, inputs):.1f}"})
-    configs = {
-        "lora r=3": LoraConfig(target_modules=TARGETS, r=3, lora_alpha=6),
-        "lora r=4": LoraConfig(target_modules=TARGETS, r=4, lora_alpha=8),
-        "quanta 6·4·4·4 (default: θ₀ branch chosen by size)": hirank.QuantaConfig(target_modules=TARGETS),
-    }
-    for name, config in configs.items():
-        model, count = adapted(config)
-        rows.append({"method": name, "trainable": count,
-                     "train step ms": f"{1e3 * train_step_seconds(model, inputs):.1f}",
-                     "forward ms": f"{1e3 * forward_seconds(model, inputs):.1f}"})
-    quanta = configs["quanta 6·4·4·4 (default: θ₀ branch chosen by size)"]
-    for name, max_ratio in (("θ₀ as circuit", 0.0), ("θ₀ as cached dense matmul", float("inf"))):
-        with theta0_branch(max_ratio):
-            model, count = adapted(quanta)
-            rows.append({"method": f"quanta 6·4·4·4 ({name})", "trainable": count,
-                         "train step ms": f"{1e3 * train_step_seconds(model, inputs):.1f}",
-                         "forward ms": f"{1e3 * forward_seconds(model, inputs):.1f}"})
-    model, count = adapted(quanta)
-    merged = model.merge_and_unload()
-    rows.append({"method": "quanta merged (merge_and_unload)", "trainable": count,
-                 "train step ms": "-", "forward ms": f"{1e3 * forward_seconds(merged, inputs):.1f}"})
-    print(f"batch {args.batch_size} × {args.seq_len} tokens on {DEVICE}, {args.threads} CPU threads, median of 10")
+    for d in (int(v) for v in args.dims.split(",")):
+        for tokens in dict.fromkeys(d if t == "d" else int(t) for t in args.tokens.split(",")):
+            rows += compare(d, tokens, args.rounds)
+            print_table(rows[-5:], )
+            print(flush=True)
+    print(f"{args.threads} CPU thread(s); median (min–max) of {args.rounds} interleaved rounds")
     print_table(rows)
 
 
