@@ -16,6 +16,13 @@ from ...ops import pauli
 from ..base import HirankLayer
 from .config import QuantumPeftConfig
 
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor
+
+    _DTENSOR_TYPES: tuple[type, ...] = (DTensor,)
+else:  # a torch build without torch.distributed has no DTensor
+    _DTENSOR_TYPES = ()
+
 
 @dataclass(frozen=True)
 class CircuitKey:
@@ -81,7 +88,9 @@ class QuantumPeftLayer(HirankLayer):
         self._finish_update_layer(adapter_name, config)
 
     def circuit_requests(self) -> list[tuple[CircuitKey, tuple[str, str], nn.Parameter]]:
-        """(circuit shape, (adapter, "out" | "in"), angles) of every factor this layer's next forward needs."""
+        """(circuit shape, (adapter, "out" | "in"), angles) of every factor this layer's next forward needs and
+        that can be simulated ahead of it: none while a sharding wrapper holds the angles (the layer then
+        simulates its own circuits inside its forward, where the wrapper has gathered them)."""
         if self.disable_adapters or self.merged:
             return []
         requests = []
@@ -89,8 +98,12 @@ class QuantumPeftLayer(HirankLayer):
             if name not in self._adapter_names() or self._cached_factors(name) is not None:
                 continue
             settings = self.qpeft_settings[name]
-            for role, angles, dim in (("out", self.qpeft_angles_out[name], self.out_features),
-                                      ("in", self.qpeft_angles_in[name], self.in_features)):
+            factors = (("out", self.qpeft_angles_out[name], self.out_features),
+                       ("in", self.qpeft_angles_in[name], self.in_features))
+            if not all(_is_gathered(angles, pauli.stiefel_angle_count(dim, settings.rank, settings.n_layers))
+                       for _, angles, dim in factors):
+                return []
+            for role, angles, dim in factors:
                 key = CircuitKey(dim, settings.rank, settings.n_layers, angles.dtype, angles.device)
                 requests.append((key, (name, role), angles))
         return requests
@@ -152,6 +165,12 @@ class QuantumPeftLayer(HirankLayer):
         u, v = self.stiefel_factors(adapter_name)
         diagonal = self._scaled_diagonal(adapter_name)
         return pauli.adapter_output(x.to(diagonal.dtype), u, v, diagonal)
+
+
+def _is_gathered(parameter: torch.Tensor, numel: int) -> bool:
+    """False while a sharding wrapper holds ``parameter`` outside its module's forward: torch FSDP2 keeps it as a
+    sharded DTensor, FSDP1 (flat parameters) and DeepSpeed ZeRO-3 as an empty placeholder."""
+    return not isinstance(parameter, _DTENSOR_TYPES) and parameter.numel() == numel
 
 
 @contextlib.contextmanager
