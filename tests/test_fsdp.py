@@ -107,6 +107,13 @@ def _check_case(case, rank: int, world_size: int) -> dict[str, float]:
     before = dict(untrained.named_parameters())
     updates = [(p - before[n]).abs().max().item() for n, p in reference.named_parameters() if p.requires_grad]
 
+    if case.mergeable:  # merged in place on the sharded model (every rank merges its shard), then unmerged
+        with torch.no_grad():
+            unmerged_output = reference(probe)
+            sharded.merge_adapter()
+            merged_output = sharded(probe)
+            sharded.unmerge_adapter()
+            checks["unmerged again, sharded"] = (sharded(probe) - unmerged_output).abs().max().item()
     # merge after training: load the gathered adapter into a fresh unsharded model, as after a sharded run
     restored = untrained
     set_peft_model_state_dict(restored, saved)
@@ -116,6 +123,7 @@ def _check_case(case, rank: int, world_size: int) -> dict[str, float]:
         checks["merged weights"] = _max_difference(merged.state_dict(), expected.state_dict())
         with torch.no_grad():
             checks["merged output"] = (merged(probe) - reference(probe)).abs().max().item()
+            checks["merged output, sharded"] = (merged_output - merged(probe)).abs().max().item()
     return {"differences": checks, "smallest update": min(updates)}
 
 

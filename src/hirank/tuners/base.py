@@ -27,6 +27,8 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .sharding import gathered_adapter_parameters, like_base_weight
+
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 
 
@@ -158,45 +160,50 @@ class HirankLayer(nn.Module, BaseTunerLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense ΔW in the base weight's layout and dtype (peft's convention; Conv1D is transposed)."""
-        delta = self.delta_weight(adapter_name)
-        delta = delta.T if self.fan_in_fan_out else delta
+        with gathered_adapter_parameters(self):
+            delta = self._delta_in_weight_layout(adapter_name)
         return delta.to(self.get_base_layer().weight.dtype)
+
+    def _delta_in_weight_layout(self, adapter_name: str) -> torch.Tensor:
+        delta = self.delta_weight(adapter_name)
+        return delta.T if self.fan_in_fan_out else delta
 
     def _check_mergeable(self) -> None:
         if not self.mergeable:
             raise ValueError(f"{type(self).__name__} cannot be merged: {self.not_mergeable_reason}")
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add ΔW of the given (default: active) adapters to the base weight: fp32 sum, then one cast."""
+        """Add ΔW of the given (default: active) adapters to the base weight: fp32 sum, then one cast.
+        Under FSDP2 / ZeRO-3 every rank must call it (the adapter is gathered, each rank edits its shard)."""
         self._check_mergeable()
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        weight = self.get_base_layer().weight
-        accumulate = adapter_dtype(weight.dtype)
-        for name in adapter_names:
-            if name not in self._adapter_names():
-                continue
-            delta = self.delta_weight(name)
-            delta = delta.T if self.fan_in_fan_out else delta
-            merged = weight.data.to(accumulate) + delta.to(weight.device, accumulate)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs or infs detected in the merged weights; adapter {name!r} seems broken.")
-            weight.data = merged.to(weight.dtype)
-            self.merged_adapters.append(name)
+        with gathered_adapter_parameters(self):
+            weight = self.get_base_layer().weight
+            accumulate = adapter_dtype(weight.dtype)
+            for name in adapter_names:
+                if name not in self._adapter_names():
+                    continue
+                delta = self._delta_in_weight_layout(name).to(weight.device, accumulate)
+                merged = weight.data.to(accumulate) + like_base_weight(delta, weight)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs or infs detected in the merged weights; adapter {name!r} seems broken.")
+                weight.data.copy_(merged)  # in place: FSDP2 all-gathers from the storage it sharded
+                self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter's ΔW again (in the same fp32-then-cast way)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        weight = self.get_base_layer().weight
-        accumulate = adapter_dtype(weight.dtype)
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name not in self._adapter_names():
-                continue
-            delta = self.delta_weight(name)
-            delta = delta.T if self.fan_in_fan_out else delta
-            weight.data = (weight.data.to(accumulate) - delta.to(weight.device, accumulate)).to(weight.dtype)
+        with gathered_adapter_parameters(self):
+            weight = self.get_base_layer().weight
+            accumulate = adapter_dtype(weight.dtype)
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                if name not in self._adapter_names():
+                    continue
+                delta = self._delta_in_weight_layout(name).to(weight.device, accumulate)
+                weight.data.copy_(weight.data.to(accumulate) - like_base_weight(delta, weight))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

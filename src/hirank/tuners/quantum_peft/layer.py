@@ -14,14 +14,8 @@ from torch import nn
 
 from ...ops import pauli
 from ..base import HirankLayer
+from ..sharding import is_gathered
 from .config import QuantumPeftConfig
-
-if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor
-
-    _DTENSOR_TYPES: tuple[type, ...] = (DTensor,)
-else:  # a torch build without torch.distributed has no DTensor
-    _DTENSOR_TYPES = ()
 
 
 @dataclass(frozen=True)
@@ -100,7 +94,7 @@ class QuantumPeftLayer(HirankLayer):
             settings = self.qpeft_settings[name]
             factors = (("out", self.qpeft_angles_out[name], self.out_features),
                        ("in", self.qpeft_angles_in[name], self.in_features))
-            if not all(_is_gathered(angles, pauli.stiefel_angle_count(dim, settings.rank, settings.n_layers))
+            if not all(is_gathered(angles, pauli.stiefel_angle_count(dim, settings.rank, settings.n_layers))
                        for _, angles, dim in factors):
                 return []
             for role, angles, dim in factors:
@@ -165,12 +159,6 @@ class QuantumPeftLayer(HirankLayer):
         u, v = self.stiefel_factors(adapter_name)
         diagonal = self._scaled_diagonal(adapter_name)
         return pauli.adapter_output(x.to(diagonal.dtype), u, v, diagonal)
-
-
-def _is_gathered(parameter: torch.Tensor, numel: int) -> bool:
-    """False while a sharding wrapper holds ``parameter`` outside its module's forward: torch FSDP2 keeps it as a
-    sharded DTensor, FSDP1 (flat parameters) and DeepSpeed ZeRO-3 as an empty placeholder."""
-    return not isinstance(parameter, _DTENSOR_TYPES) and parameter.numel() == numel
 
 
 @contextlib.contextmanager
