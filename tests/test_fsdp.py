@@ -62,6 +62,40 @@ def test_every_method_under_fsdp2_equals_unsharded_training(tmp_path: Path) -> N
             assert difference <= TOLERANCE, f"{case_id}: {check} differs by {difference:.3g}"
 
 
+def _compare(launcher: list[str], out: Path, data: Path) -> tuple[dict, str]:
+    """One tiny ``hirank compare`` of Quantum-PEFT (global batch 4), launched by ``launcher``: (record, stderr)."""
+    per_process_batch = "2" if launcher else "4"
+    command = launcher + ["-m", "hirank.cli"] if launcher else [sys.executable, "-m", "hirank.cli"]
+    command += ["compare", "--model", "tiny-bert", "--task", "sst2", "--methods", "quantum_peft", "--budget", "lora-r4",
+                "--seeds", "1", "--epochs", "1", "--batch-size", per_process_batch, "--max-length", "32",
+                "--train-limit", "16", "--eval-limit", "10", "--out", str(out)]
+    environment = {**os.environ, "HIRANK_DATA_DIR": str(data), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                   "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    (record,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return record, finished.stderr
+
+
+def test_compare_under_accelerate_fsdp_config_matches_one_process(tmp_path: Path) -> None:
+    """accelerate applies FSDP only on GPU-like devices: on 2 CPU processes the FSDP config trains with DDP (and
+    says so); the result equals one process on the same global batch up to dropout noise."""
+    from .test_bench_tasks import write_fake_data
+
+    data = write_fake_data(tmp_path / "data")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "examples" / "accelerate_fsdp.yaml"), "--main_process_port", str(_free_port())]
+    sharded, messages = _compare(launcher, tmp_path / "two", data)
+    single, _ = _compare([], tmp_path / "one", data)
+    assert "applies its FSDP plugin only on GPUs" in messages
+    assert sharded["world_size"] == 2 and single["world_size"] == 1
+    assert sharded["steps"] == single["steps"] == 4  # 16 examples, a global batch of 4
+    assert sharded["trainable_params"] == single["trainable_params"]
+    # dropout masks differ between one and two processes (and rank 0's final loss is that of its half batch)
+    assert abs(sharded["test_accuracy"] - single["test_accuracy"]) <= 0.1 + 1e-6  # one example of 10
+    assert abs(sharded["general_loss_after"] - single["general_loss_after"]) < 1e-3
+
+
 # ---- what each of the two processes runs ---------------------------------------------------------------------
 def _max_difference(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> float:
     assert left.keys() == right.keys(), sorted(set(left) ^ set(right))
