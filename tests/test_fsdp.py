@@ -130,6 +130,8 @@ def _check_case(case, rank: int, world_size: int) -> dict[str, float]:
     fully_shard(sharded)
     half = batch.shape[0] // world_size
     local = slice(rank * half, (rank + 1) * half)
+    with torch.no_grad():  # an evaluation before training: factors kept for inference must not outlive the steps
+        sharded(batch[local])
     _train(sharded, batch[local], target[local])
 
     probe = torch.randn(5, 32)
