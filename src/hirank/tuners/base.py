@@ -111,10 +111,6 @@ class HirankLayer(nn.Module, BaseTunerLayer):
     mergeable: bool = True
     #: Why the adapter cannot be merged (shown in the error), for non-mergeable methods.
     not_mergeable_reason: str = ""
-    #: DeepSpeed ZeRO-3 gathers a module's own parameters when the module is called; the adapter's live in
-    #: ParameterDicts that are never called, so the whole layer is one ZeRO-3 "leaf" (deepspeed.utils.
-    #: set_z3_leaf_modules reads this flag): its call gathers the adapter and the base weight together.
-    _z3_leaf: bool = True
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: HirankConfig, **kwargs: Any) -> None:
         super().__init__()
