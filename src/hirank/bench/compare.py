@@ -16,10 +16,12 @@ import datetime
 import gc
 import hashlib
 import json
+import os
 import platform
 import re
 import statistics
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ import peft
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 from peft import PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
@@ -200,7 +202,24 @@ def _splits(task: Task, options: CompareOptions) -> Splits:
 def make_accelerator() -> Accelerator:
     """An Accelerator that also goes distributed on machines without a GPU: under ``torchrun`` /
     ``accelerate launch`` on CPUs it sets up DDP over gloo (accelerate does that only when told ``cpu=True``)."""
-    return Accelerator(cpu=not torch.accelerator.is_available())
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    _check_fsdp(accelerator)
+    return accelerator
+
+
+def _check_fsdp(accelerator: Accelerator) -> None:
+    """accelerate's FSDP config: say what happens instead of sharding silently or hanging."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    if accelerator.distributed_type != DistributedType.FSDP:  # accelerate 1.x: FSDP only for GPU-like devices
+        warnings.warn(
+            f"accelerate applies its FSDP plugin only on GPUs and other accelerators; these {accelerator.device.type} "
+            "processes train with DDP instead (same updates, each process holds the whole model).", stacklevel=2)
+        return
+    raise NotImplementedError(
+        "hirank compare cannot run under FSDP: its measurements (timings, saved adapter, forgetting) run on the "
+        "main process alone, which FSDP's collective forward passes do not allow. Launch it with DDP "
+        "(torchrun, or accelerate launch without an FSDP config); the hirank methods themselves train under FSDP2.")
 
 
 def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> list[Record]:

@@ -30,6 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ._loading import REQUIRES, warn_missing_fields, write_card_section
 from ._validate import FieldCheck, is_integer
+from .sharding import gathered_adapter_parameters, like_base_weight
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 
@@ -185,7 +186,7 @@ def store_base_weight(base_layer: nn.Module, weight: torch.Tensor) -> None:
     kind = quantized_weight_kind(base_layer)
     old = base_layer.weight
     if kind is None:
-        old.data = weight.to(old.dtype)
+        old.data.copy_(weight)  # in place: FSDP2 all-gathers from the storage it sharded
         return
     import bitsandbytes as bnb
 
@@ -269,9 +270,13 @@ class HirankLayer(nn.Module, BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense ΔW in the base weight's layout and dtype (peft's convention; Conv1D is transposed).
         For a bitsandbytes 4-/8-bit base, the dtype its weight dequantizes to."""
-        delta = self.delta_weight(adapter_name)
-        delta = delta.T if self.fan_in_fan_out else delta
+        with gathered_adapter_parameters(self):
+            delta = self._delta_in_weight_layout(adapter_name)
         return delta.to(merge_weight_dtype(self.get_base_layer()))
+
+    def _delta_in_weight_layout(self, adapter_name: str) -> torch.Tensor:
+        delta = self.delta_weight(adapter_name)
+        return delta.T if self.fan_in_fan_out else delta
 
     def _check_mergeable(self) -> None:
         if not self.mergeable:
@@ -281,10 +286,9 @@ class HirankLayer(nn.Module, BaseTunerLayer):
         """W ← W + sign·ΔW, summed in float32 (at least) and stored back once (requantized for bitsandbytes)."""
         base_layer = self.get_base_layer()
         weight = dense_base_weight(base_layer)
-        delta = self.delta_weight(adapter_name)
-        delta = delta.T if self.fan_in_fan_out else delta
+        delta = self._delta_in_weight_layout(adapter_name)
         accumulate = torch.promote_types(weight.dtype, delta.dtype)
-        merged = weight.to(accumulate) + sign * delta.to(weight.device, accumulate)
+        merged = weight.to(accumulate) + sign * like_base_weight(delta.to(weight.device, accumulate), weight)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs or infs detected in the merged weights; adapter {adapter_name!r} seems broken.")
         store_base_weight(base_layer, merged)
@@ -292,24 +296,27 @@ class HirankLayer(nn.Module, BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add ΔW of the given (default: active) adapters to the base weight: fp32 sum, then one cast.
         A bitsandbytes 4-/8-bit weight is dequantized, summed in float32 and requantized (as peft's LoRA does),
-        so merged outputs match unmerged ones up to the quantization error."""
+        so merged outputs match unmerged ones up to the quantization error. Under FSDP2 / ZeRO-3 every rank must
+        call it (the adapter is gathered, each rank edits its shard)."""
         self._check_mergeable()
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        for name in adapter_names:
-            if name not in self._adapter_names():
-                continue
-            self._add_to_base_weight(name, 1.0, safe_merge)
-            self.merged_adapters.append(name)
+        with gathered_adapter_parameters(self):
+            for name in adapter_names:
+                if name not in self._adapter_names():
+                    continue
+                self._add_to_base_weight(name, 1.0, safe_merge)
+                self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter's ΔW again (in the same fp32-then-cast way)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self._adapter_names():
-                self._add_to_base_weight(name, -1.0)
+        with gathered_adapter_parameters(self):
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                if name in self._adapter_names():
+                    self._add_to_base_weight(name, -1.0)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ...ops import pauli
 from ..base import HirankLayer
+from ..sharding import is_gathered
 from .config import QuantumPeftConfig
 
 
@@ -81,7 +82,9 @@ class QuantumPeftLayer(HirankLayer):
         self._finish_update_layer(adapter_name, config)
 
     def circuit_requests(self) -> list[tuple[CircuitKey, tuple[str, str], nn.Parameter]]:
-        """(circuit shape, (adapter, "out" | "in"), angles) of every factor this layer's next forward needs."""
+        """(circuit shape, (adapter, "out" | "in"), angles) of every factor this layer's next forward needs and
+        that can be simulated ahead of it: none while a sharding wrapper holds the angles (the layer then
+        simulates its own circuits inside its forward, where the wrapper has gathered them)."""
         if self.disable_adapters or self.merged:
             return []
         requests = []
@@ -89,8 +92,12 @@ class QuantumPeftLayer(HirankLayer):
             if name not in self._adapter_names() or self._cached_factors(name) is not None:
                 continue
             settings = self.qpeft_settings[name]
-            for role, angles, dim in (("out", self.qpeft_angles_out[name], self.out_features),
-                                      ("in", self.qpeft_angles_in[name], self.in_features)):
+            factors = (("out", self.qpeft_angles_out[name], self.out_features),
+                       ("in", self.qpeft_angles_in[name], self.in_features))
+            if not all(is_gathered(angles, pauli.stiefel_angle_count(dim, settings.rank, settings.n_layers))
+                       for _, angles, dim in factors):
+                return []
+            for role, angles, dim in factors:
                 key = CircuitKey(dim, settings.rank, settings.n_layers, angles.dtype, angles.device)
                 requests.append((key, (name, role), angles))
         return requests
