@@ -13,22 +13,13 @@ from torch._dynamo.utils import counters
 from tests.cases import CASES
 from tests.tiny_models import TINY_MODELS
 
-#: case id → why compiling it still breaks the graph (owned elsewhere; xfail(strict) flags a fix)
-KNOWN_BREAKS = {
-    "surm-ldr-lora": "SURM LDR calls dtype.to_real() (unsupported method) and Parameter.to() (skipped builtin) "
-                     "in the adapter branch: 40 graph breaks, one compiled frame per layer",
-}
 COMPILED_CASES = ("lora", "quanta", "quanta-3axes", "quantum_peft", "mtlora-icfm", "loratrf", "surm-circulant-lora",
                   "surm-ldr-lora")
 
 
 def _params() -> list:
     cases = {case.id: case for case in CASES}
-    return [
-        pytest.param(cases[name], id=name, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BREAKS[name])]
-                     if name in KNOWN_BREAKS else [])
-        for name in COMPILED_CASES
-    ]
+    return [pytest.param(cases[name], id=name) for name in COMPILED_CASES]
 
 
 @pytest.mark.parametrize("case", _params())

@@ -85,6 +85,12 @@ class _FilteredOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, task_vector, D, C, cosine: bool, mask, eps: float):  # type: ignore[override]
+        # in the parameters' dtype even under autocast: backward (which runs without autocast) reuses y and u
+        with torch.autocast(h.device.type, enabled=False):
+            return _FilteredOutput._forward(ctx, h, task_vector, D, C, cosine, mask, eps)
+
+    @staticmethod
+    def _forward(ctx, h, task_vector, D, C, cosine: bool, mask, eps: float) -> torch.Tensor:
         shape = h.shape
         h = h.reshape(-1, shape[-1])  # (n, d)
         probe = task_vector.unsqueeze(-1) if C is None else torch.cat([C, task_vector.unsqueeze(-1)], dim=1)

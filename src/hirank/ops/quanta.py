@@ -354,12 +354,14 @@ class _CircuitFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: torch.Tensor, flat_gates: torch.Tensor, frozen_gates: torch.Tensor | None,
                 circuit: QuantaCircuit) -> torch.Tensor:
-        out, _ = circuit.forward_states(x, circuit.split(flat_gates), keep=False)
-        if frozen_gates is None:
-            return out
-        frozen, _ = circuit.forward_states(x, circuit.split(frozen_gates), keep=False)
-        # θ = θ₀ gives ΔW = 0 exactly: take the trained branch's own values there, so out − out = 0 bitwise
-        return out - torch.where((flat_gates == frozen_gates).all(), out, frozen)
+        # in x's dtype even under autocast (the layer casts x to the gates' float32): backward runs without it
+        with torch.autocast(x.device.type, enabled=False):
+            out, _ = circuit.forward_states(x, circuit.split(flat_gates), keep=False)
+            if frozen_gates is None:
+                return out
+            frozen, _ = circuit.forward_states(x, circuit.split(frozen_gates), keep=False)
+            # θ = θ₀ gives ΔW = 0 exactly: take the trained branch's own values there, so out − out = 0 bitwise
+            return out - torch.where((flat_gates == frozen_gates).all(), out, frozen)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -370,6 +372,7 @@ class _CircuitFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, flat_gates, frozen_gates = ctx.saved_tensors
+        grad_out = grad_out.to(x.dtype)
         circuit: QuantaCircuit = ctx.circuit
         gates = circuit.split(flat_gates)
         frozen = None if frozen_gates is None else circuit.split(frozen_gates)
