@@ -72,9 +72,15 @@ def test_parse_budget(budget: str, expected, bert) -> None:
     assert parse_budget(budget, bert, TARGETS) == (expected if expected is not None else total)
 
 
-@pytest.mark.parametrize("budget", ["", "lora", "-5", "0", "0%", "150%", "r4"])
+@pytest.mark.parametrize("budget", ["", "lora", "r4", "5 k", "%"])
 def test_unreadable_budget(budget: str, bert) -> None:
     with pytest.raises(BudgetError, match="cannot read budget"):
+        parse_budget(budget, bert, TARGETS)
+
+
+@pytest.mark.parametrize("budget", ["-5", "0", "0%", "150%", "lora-r0"])
+def test_budget_out_of_range_is_not_called_unreadable(budget: str, bert) -> None:
+    with pytest.raises(BudgetError, match=f"budget '{budget}' is out of range: "):
         parse_budget(budget, bert, TARGETS)
 
 

@@ -18,6 +18,8 @@ from peft import PeftConfig
 
 import hirank
 
+from .options import LEARNING_RATE_PRESETS
+
 Knobs = dict[str, Any]
 Shape = tuple[int, int]  # (in_features, out_features) of a targeted layer
 
@@ -158,7 +160,6 @@ _NO_RECIPE = "no published recipe could be read; LoRA's"
 #: ``tuned``: each method's ``learning_rate`` below is the best of the grid 5e-4 … 1e-1 on SST-2's *validation*
 #: split (MiniLM, LoRA r=4's budget, 3 epochs of 500 sentences, seed 0; ``benchmarks/lr_sweep.py``, table in
 #: the README). ``paper``: the published recipes, set for schedules 20–100× longer; most underfit in 96 steps.
-LEARNING_RATE_PRESETS = ("tuned", "paper")
 TUNED_SOURCE = "best on SST-2 validation in a short MiniLM run (benchmarks/lr_sweep.py)"
 
 METHODS: dict[str, MethodSpec] = {
