@@ -95,9 +95,12 @@ def test_unreachable_budget_says_what_is_reachable(bert) -> None:
 def test_unknown_or_unavailable_method_lists_available_ones(bert, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(MethodUnavailableError, match=r"unknown method 'dora'; available methods: lora"):
         match_budget("dora", bert, 1000, TARGETS)
+    import sys
+
     import hirank
 
     monkeypatch.delattr(hirank, "QuantaConfig", raising=False)
+    monkeypatch.setitem(sys.modules, "hirank.tuners.quanta", None)  # a build without QuanTA (hirank loads lazily)
     with pytest.raises(
         MethodUnavailableError, match=r"'quanta' is not available in this build .*no hirank.QuantaConfig"
     ):

@@ -40,7 +40,12 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> object:
     if name not in _LAZY:
         raise AttributeError(f"module 'hirank' has no attribute {name!r}")
-    module = importlib.import_module(_LAZY[name])
+    try:
+        module = importlib.import_module(_LAZY[name])
+    except ModuleNotFoundError as error:  # a method left out of this build: hirank.X is simply absent
+        if error.name != _LAZY[name]:
+            raise
+        raise AttributeError(f"module 'hirank' has no attribute {name!r} (no {_LAZY[name]} in this build)") from None
     value = module if module.__name__ == f"hirank.{name}" else getattr(module, name)
     globals()[name] = value
     return value

@@ -24,7 +24,10 @@ from .bench.options import (
     names,
 )
 
-DESCRIPTION = "Beyond-LoRA parameter-efficient fine-tuning: compare methods on a task, rebuild a report, list what is available."
+DESCRIPTION = (
+    "Beyond-LoRA parameter-efficient fine-tuning: compare methods on a task, rebuild a report, list what is "
+    "available."
+)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -175,6 +178,7 @@ def _compare(args: argparse.Namespace) -> int:
         options.max_length,
         num_labels=task.num_labels if isinstance(task, ClassificationTask) else 2,
         trust_remote_code=options.trust_remote_code,
+        task=task.name,
     )
     accelerator = make_accelerator()
     compare(options, accelerator)

@@ -321,13 +321,17 @@ def _load_any(
         raise _load_error(name, error) from error
 
 
-def model_config(name: str, kind: ModelKind, num_labels: int = 2, trust_remote_code: bool = False) -> PretrainedConfig:
+def model_config(
+    name: str, kind: ModelKind, num_labels: int = 2, trust_remote_code: bool = False, task: str = "this task"
+) -> PretrainedConfig:
     """The config of ``name`` (short name, public id, local folder or hub id), without loading weights."""
     packaged = packaged_model(name)
     if packaged is not None:
         if kind not in packaged.kinds:
+            suitable = [other for other, model in PACKAGED_MODELS.items() if kind in model.kinds]
             raise UnknownModelError(
-                f"model {name!r} is a {'/'.join(packaged.kinds)} model; this task needs a {kind} model."
+                f"task {task} needs a {kind} model and {name} is not one ({'/'.join(packaged.kinds)}); use one of "
+                f"{', '.join(suitable)} or a hub id / local folder."
             )
         return packaged.config(kind, num_labels)
     _local_folder(name)
@@ -354,10 +358,11 @@ def check_model_options(
     max_length: int,
     num_labels: int = 2,
     trust_remote_code: bool = False,
+    task: str = "this task",
 ) -> None:
     """Check ``--model``, ``--target-modules`` and ``--max-length`` against the model's config, before any
     weights load: :class:`UnknownModelError` or :class:`~hirank.bench.options.OptionError`, one line each."""
-    config = model_config(name, kind, num_labels, trust_remote_code)
+    config = model_config(name, kind, num_labels, trust_remote_code, task)
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and max_length > limit:
         raise OptionError(f"--max-length must be between 1 and {limit} (the limit of {name}), got {max_length}.")

@@ -107,7 +107,10 @@ def learning_rates(text: str) -> dict[str, float]:
 
 
 def check_options(options: Any) -> None:
-    """Check a ``CompareOptions`` (numbers, lists, learning rates); :class:`OptionError` on the first fault."""
+    """Check a ``CompareOptions`` (numbers, lists, learning rates); :class:`OptionError` on the first fault.
+
+    Method names and the learning-rate preset are checked by ``compare`` itself (they need the method table).
+    """
     for rule in NUMBER_RULES.values():
         rule.check(getattr(options, rule.field))
     for flag, field in (("--methods", "methods"), ("--target-modules", "target_modules")):
@@ -120,10 +123,6 @@ def check_options(options: Any) -> None:
             LEARNING_RATE.check(rate)
         except OptionError:
             raise OptionError(f"--lr of {method}: must be {LEARNING_RATE.allowed()}, got {rate!r}.") from None
-    if options.learning_rate_preset not in LEARNING_RATE_PRESETS:
-        raise OptionError(
-            f"--lr-preset must be one of {', '.join(LEARNING_RATE_PRESETS)}, got {options.learning_rate_preset!r}."
-        )
 
 
 def check_output_folder(folder: Path) -> None:
