@@ -186,7 +186,8 @@ def parse_budget(budget: str, model: nn.Module, target_modules: Sequence[str]) -
     """
     spec = read_budget(budget)
     if spec.kind == "lora":
-        return count_adapter_parameters(model, get_method("lora").make_config(target_modules, lora_knobs(int(spec.value))))
+        lora_config = get_method("lora").make_config(target_modules, lora_knobs(int(spec.value)))
+        return count_adapter_parameters(model, lora_config)
     if spec.kind == "share":
         return max(1, round(spec.value * sum(p.numel() for p in model.parameters())))
     return int(spec.value)

@@ -79,7 +79,9 @@ def names(text: str, flag: str) -> tuple[str, ...]:
     """A comma-separated list of names; an empty list (``--methods ,``) is an error, not "the default"."""
     items = tuple(item.strip() for item in text.split(","))
     if not all(items):
-        raise argparse.ArgumentTypeError(f"empty name in {text!r}; give comma-separated names (omit {flag} for the default)")
+        raise argparse.ArgumentTypeError(
+            f"empty name in {text!r}; give comma-separated names (omit {flag} for the default)"
+        )
     duplicates = sorted({item for item in items if items.count(item) > 1})
     if duplicates:
         raise argparse.ArgumentTypeError(f"{', '.join(duplicates)} given twice")
