@@ -106,9 +106,15 @@ def test_parse_budget(budget: str, expected, bert) -> None:
     assert parse_budget(budget, bert, TARGETS) == (expected if expected is not None else total)
 
 
-@pytest.mark.parametrize("budget", ["", "lora", "-5", "0", "0%", "150%", "r4"])
+@pytest.mark.parametrize("budget", ["", "lora", "r4", "5 k", "%"])
 def test_unreadable_budget(budget: str, bert) -> None:
     with pytest.raises(BudgetError, match="cannot read budget"):
+        parse_budget(budget, bert, TARGETS)
+
+
+@pytest.mark.parametrize("budget", ["-5", "0", "0%", "150%", "lora-r0"])
+def test_budget_out_of_range_is_not_called_unreadable(budget: str, bert) -> None:
+    with pytest.raises(BudgetError, match=f"budget '{budget}' is out of range: "):
         parse_budget(budget, bert, TARGETS)
 
 
@@ -123,9 +129,12 @@ def test_unreachable_budget_says_what_is_reachable(bert) -> None:
 def test_unknown_or_unavailable_method_lists_available_ones(bert, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(MethodUnavailableError, match=r"unknown method 'nosuch'; available methods: lora"):
         match_budget("nosuch", bert, 1000, TARGETS)
+    import sys
+
     import hirank
 
     monkeypatch.delattr(hirank, "QuantaConfig", raising=False)
+    monkeypatch.setitem(sys.modules, "hirank.tuners.quanta", None)  # a build without QuanTA (hirank loads lazily)
     with pytest.raises(
         MethodUnavailableError, match=r"'quanta' is not available in this build .*no hirank.QuantaConfig"
     ):

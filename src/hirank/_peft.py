@@ -4,14 +4,20 @@ peft's own ``register_peft_method`` only accepts names of its closed ``PeftType`
 keys its methods by members of its own ``str`` Enum (transformers' ``load_adapter`` calls
 ``peft_type.value``; a bare string would break it) and writes them into peft's three mappings
 directly. Registration is idempotent and refuses to overwrite an entry that is not hirank's.
+
+``import hirank`` registers at once when peft is already imported, else as soon as peft finishes importing
+(:func:`register_when_peft_loads`), so that ``import hirank`` (and the ``hirank`` command's ``--help``)
+needs neither peft nor torch. This module imports peft only inside its functions for the same reason.
 """
 
 from __future__ import annotations
 
 import enum
 import importlib
-
-import peft.mapping
+import importlib.abc
+import importlib.machinery
+import sys
+from types import ModuleType
 
 
 class HirankPeftType(str, enum.Enum):
@@ -43,6 +49,8 @@ def _is_hirank(obj: object) -> bool:
 
 def register_method(peft_type: HirankPeftType, config_cls: type, model_cls: type) -> None:
     """Register one method with peft; re-registering hirank's own entry replaces it in place."""
+    import peft.mapping
+
     config_map = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING
     tuner_map = peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING
     prefix_map = peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING
@@ -66,7 +74,67 @@ def register_method(peft_type: HirankPeftType, config_cls: type, model_cls: type
 
 
 def register_all() -> None:
-    """Register every hirank method with peft (called by ``import hirank``)."""
+    """Register every hirank method in this build with peft (called by ``import hirank``)."""
     for peft_type, module_name, config_name, model_name in _METHODS:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:  # a method left out of this build (hirank.bench lists it as unavailable)
+            if error.name != module_name:
+                raise
+            continue
         register_method(peft_type, getattr(module, config_name), getattr(module, model_name))
+
+
+class _RegisterAfterPeft(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: gives peft's own spec a loader that runs :func:`register_all` once peft's
+    ``__init__`` has run (the same technique as ``wrapt``'s post-import hooks)."""
+
+    def find_spec(self, fullname: str, path: object = None, target: ModuleType | None = None):
+        if fullname != "peft":
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _RegisteringLoader(spec.loader)
+                return spec
+        return None
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        # peft's module keeps its real loader (importlib.resources and inspect ask it)
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        _remove_hook()
+        register_all()
+
+    def __getattr__(self, name: str) -> object:  # anything else a loader offers: the real loader's
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+def _remove_hook() -> None:
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _RegisterAfterPeft)]
+
+
+def register_when_peft_loads() -> None:
+    """Register now if peft is imported, else right after peft's import (called by ``import hirank``).
+
+    The modules :func:`register_all` imports must not be the ones that first import peft (they would be
+    half-initialized when the hook runs): ``hirank.tuners`` imports peft before any of its submodules.
+    """
+    if "peft" in sys.modules:
+        _remove_hook()
+        register_all()
+    elif not any(isinstance(finder, _RegisterAfterPeft) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterPeft())

@@ -48,6 +48,7 @@ from .budget import (
 from .measure import effective_rank_of_updates, forgetting, forward_times, save_adapter
 from .methods import METHODS, MethodSpec, UnknownPresetError, available_methods, get_method
 from .models import PACKAGED_MODELS, LoadedModel, load_model
+from .options import check_options
 from .results import DIVERGED, FINISHED, RESULTS_FILE, Record, RunClaim, append_record, load_records, run_id
 from .tasks import ClassificationTask, Splits, Task, general_text, get_task
 from .train import TrainConfig, TrainResult, train_and_evaluate
@@ -73,6 +74,7 @@ class CompareOptions:
     eval_limit: int | None = None  # use only the first N validation and test examples (smoke tests)
     general_text_pairs: int = 128
     out: Path | None = None
+    trust_remote_code: bool = False  # let a model folder / hub id run its own code (auto_map); not in the run hash
 
     def output_dir(self) -> Path:
         """``out``, or ``results/<model>-<task>-<budget>``."""
@@ -147,7 +149,13 @@ def _load(options: CompareOptions, task: Task, accelerator: Accelerator) -> Load
     num_labels = task.num_labels if isinstance(task, ClassificationTask) else 2
     targets = list(options.target_modules) if options.target_modules else None
     with accelerator.main_process_first():  # a first load may convert and cache a checkpoint
-        return load_model(options.model, task.kind, num_labels=num_labels, target_modules=targets)
+        return load_model(
+            options.model,
+            task.kind,
+            num_labels=num_labels,
+            target_modules=targets,
+            trust_remote_code=options.trust_remote_code,
+        )
 
 
 def plan_runs(
@@ -224,6 +232,7 @@ def _check_fsdp(accelerator: Accelerator) -> None:
 
 def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> list[Record]:
     """Run every pending (method, seed) of the comparison; returns all of its records, old and new."""
+    check_options(options)
     accelerator = accelerator or make_accelerator()
     task = get_task(options.task)
     _validate(options, task)

@@ -271,7 +271,8 @@ def save_adapter(model: PeftModel, folder: Path) -> int:
     require_finite_parameters(model)
     staging = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    # no embedding check: it would look up base_model_name_or_path (a public id) on the hub at every save
+    model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
     size = (staging / "adapter_model.safetensors").stat().st_size
     shutil.rmtree(folder, ignore_errors=True)  # a re-run of a run whose record was lost replaces its adapter
     os.replace(staging, folder)

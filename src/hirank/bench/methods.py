@@ -24,6 +24,8 @@ from ..budget import (  # noqa: F401  (format_knobs: re-exported for the report)
     format_knobs,
 )
 
+from .options import LEARNING_RATE_PRESETS
+
 
 class UnknownPresetError(ValueError):
     """A learning-rate preset that is not one of :data:`LEARNING_RATE_PRESETS`."""
@@ -88,7 +90,6 @@ _NO_RECIPE = "no published recipe could be read; LoRA's"
 #: ``tuned``: each method's ``learning_rate`` below is the best of the grid 5e-4 … 1e-1 on SST-2's *validation*
 #: split (MiniLM, LoRA r=4's budget, 3 epochs of 500 sentences, seed 0; ``benchmarks/lr_sweep.py``, table in
 #: the README). ``paper``: the published recipes, set for schedules 20–100× longer; most underfit in 96 steps.
-LEARNING_RATE_PRESETS = ("tuned", "paper")
 TUNED_SOURCE = "best on SST-2 validation in a short MiniLM run (benchmarks/lr_sweep.py)"
 
 METHODS: dict[str, MethodSpec] = {
