@@ -243,3 +243,22 @@ def test_report_says_when_nothing_beats_the_references(tmp_path: Path) -> None:
     text = (folder / "report.md").read_text()
     assert "**No adapter method beats the references here**: the best, quanta at 57.7%" in text
     assert "head only (no adapter) 61.0%" in text
+
+
+def test_peft_peers_compare_as_rows_beside_hirank_methods(tmp_path: Path, fake_data: Path) -> None:
+    methods = ("lora", "c3a", "oft", "hira", "quanta")
+    options = dataclasses.replace(_options(tmp_path / "peers", methods), seeds=1, epochs=1, train_limit=16)
+    records = compare(options)
+    assert sorted(r["method"] for r in records) == sorted(methods)
+    assert all(abs(r["budget_relative_error"]) <= 0.1 or r.get("budget_note") for r in records)
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["adapter_file_bytes"] > 0 for r in records)
+    table = build_report(options.output_dir())
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["lora", "quanta", "c3a", "oft", "hira"]
+
+
+def test_method_sets_expand() -> None:
+    from hirank.bench.methods import PEERS, available_methods
+
+    assert CompareOptions(methods=("peers",)).method_names() == ["lora", *PEERS]
+    assert CompareOptions(methods=("all",)).method_names() == available_methods() + list(PEERS)
+    assert CompareOptions().method_names() == available_methods() and not set(PEERS) & set(available_methods())

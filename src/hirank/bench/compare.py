@@ -44,7 +44,7 @@ from .budget import (
     saved_module_parameters,
 )
 from .measure import effective_rank_of_updates, forgetting, forward_times, save_adapter
-from .methods import METHODS, MethodSpec, UnknownPresetError, available_methods, get_method
+from .methods import METHOD_SETS, MethodSpec, UnknownPresetError, available_methods, expand_method_names, get_method
 from .models import PACKAGED_MODELS, LoadedModel, load_model
 from .results import DIVERGED, FINISHED, RESULTS_FILE, Record, RunClaim, append_record, load_records, run_id
 from .tasks import ClassificationTask, Splits, Task, general_text, get_task
@@ -80,7 +80,7 @@ class CompareOptions:
         return Path("results") / re.sub(r"[^A-Za-z0-9_.%-]+", "_", f"{Path(self.model).name}-{self.task}-{self.budget}")
 
     def method_names(self) -> list[str]:
-        return list(self.methods) if self.methods else available_methods()
+        return expand_method_names(self.methods) if self.methods else available_methods()
 
     def learning_rate(self, method: MethodSpec) -> tuple[float, str]:
         """The learning rate of ``method`` in this comparison, and where it comes from."""
@@ -227,7 +227,7 @@ def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> 
     task = get_task(options.task)
     _validate(options, task)
     if options.methods is None and accelerator.is_main_process:
-        missing = [name for name in METHODS if name not in available_methods()]
+        missing = [name for name in METHOD_SETS["default"] if name not in available_methods()]
         if missing:
             print(f"hirank compare: not in this build, so not compared: {', '.join(missing)}")
     loaded = _load(options, task, accelerator)
