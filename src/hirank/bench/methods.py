@@ -43,6 +43,7 @@ class MethodSpec:
     learning_rate: float
     paper_learning_rate: float
     paper_learning_rate_source: str
+    tuned_source: str = ""  # where ``learning_rate`` comes from, if not the shared sweep (TUNED_SOURCE)
 
     @property
     def knob_space(self) -> KnobSpace:
@@ -66,7 +67,7 @@ class MethodSpec:
     def preset_learning_rate(self, preset: str) -> tuple[float, str]:
         """The learning rate of ``preset`` (see :data:`LEARNING_RATE_PRESETS`) and where it comes from."""
         if preset == "tuned":
-            return self.learning_rate, TUNED_SOURCE
+            return self.learning_rate, self.tuned_source or TUNED_SOURCE
         if preset == "paper":
             return self.paper_learning_rate, self.paper_learning_rate_source
         raise UnknownPresetError(
@@ -92,6 +93,11 @@ _NO_RECIPE = "no published recipe could be read; LoRA's"
 #: the README). ``paper``: the published recipes, set for schedules 20–100× longer; most underfit in 96 steps.
 TUNED_SOURCE = "best on SST-2 validation in a short MiniLM run (benchmarks/lr_sweep.py)"
 
+#: peft's own methods that aim at more rank or fewer parameters than LoRA, compared as rows (``--methods peers``).
+#: Their rates are not tuned yet: LoRA's rates, until ``benchmarks/lr_sweep.py`` has been run for them.
+_PEER_RATE = "not tuned yet: LoRA's rate of this preset"
+PEERS = ("dora", "vera", "c3a", "fourierft", "lokr", "oft", "boft", "hira", "randlora")
+
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
@@ -101,13 +107,31 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("mtlora", 5e-3, 5e-4, "MTLoRA official scripts, RoBERTa-base on SST-2"),
         MethodSpec("loratrf", 5e-3, 5e-4, _NO_RECIPE),
         MethodSpec("surm", 2e-3, 2e-3, "SURM official run_bert_glue.py, BERT-base on GLUE"),
+        *(MethodSpec(name, 5e-3, 5e-4, _PEER_RATE, tuned_source=_PEER_RATE) for name in PEERS),
     )
+}
+#: Names ``--methods`` accepts for sets: the default (LoRA and hirank's methods), ``peers`` (LoRA and peft's
+#: high-rank methods) and ``all``.
+METHOD_SETS = {
+    "default": tuple(name for name in METHODS if name not in PEERS),
+    "peers": ("lora", *PEERS),
+    "all": tuple(METHODS),
 }
 
 
-def available_methods() -> list[str]:
-    """Names of the methods whose config class exists in this build."""
-    return [name for name, spec in METHODS.items() if spec.available]
+def available_methods(group: str = "default") -> list[str]:
+    """Names of the methods of ``group`` (see :data:`METHOD_SETS`) whose config class exists in this build."""
+    return [name for name in METHOD_SETS[group] if METHODS[name].available]
+
+
+def expand_method_names(names: Sequence[str]) -> list[str]:
+    """``--methods`` entries with the set names ``all``, ``peers`` and ``default`` expanded (order kept, no repeats)."""
+    expanded: list[str] = []
+    for name in names:
+        for member in available_methods(name) if name in METHOD_SETS else [name]:
+            if member not in expanded:
+                expanded.append(member)
+    return expanded
 
 
 def unavailable_message(name: str) -> str:
@@ -115,7 +139,7 @@ def unavailable_message(name: str) -> str:
         reason = f"method {name!r} is not available in this build of hirank (no hirank.{METHODS[name].config_class})"
     else:
         reason = f"unknown method {name!r}"
-    return f"{reason}; available methods: {', '.join(available_methods())}."
+    return f"{reason}; available methods: {', '.join(available_methods('all'))} (sets: {', '.join(METHOD_SETS)})."
 
 
 def get_method(name: str) -> MethodSpec:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .methods import METHODS, format_knobs
 from .results import DIVERGED, RESULTS_FILE, Record, ResultsFileError, load_records, run_id, warn, write_atomically
+from .stats import PairedDifference, paired_difference, seed_values
 
 ACCURACY_PLOT = "accuracy_vs_params.png"
 STEP_TIME_PLOT = "step_time.png"
@@ -88,6 +89,22 @@ class Row:
         values = self.values(column)
         return statistics.stdev(values) if len(values) > 1 else 0.0
 
+    @property
+    def is_reference(self) -> bool:
+        return any(record.get("reference") for record in self.records + self.diverged)
+
+    def versus(self, baseline: Row) -> PairedDifference:
+        """Per-seed test-accuracy differences from ``baseline`` (same seeds: same data order and head init)."""
+        return paired_difference(seed_values(self.records, "test_accuracy"), seed_values(baseline.records, "test_accuracy"))
+
+
+DELTA_HEADER = "Δ vs LoRA (95% CI)"
+
+
+def lora_row(rows: list[Row]) -> Row | None:
+    """The LoRA row the others are compared with (the first, if LoRA ran with several configurations)."""
+    return next((row for row in rows if row.method == "lora"), None)
+
 
 def unique_runs(records: list[Record]) -> list[Record]:
     """The first record of every run id, with a warning for each run recorded more than once."""
@@ -124,10 +141,12 @@ def markdown_table(rows: list[Row]) -> str:
     for column in COLUMNS:
         means = [m for m in (row.mean(column) for row in rows) if m is not None]
         best[column.header] = (max if column.best == "max" else min)(means) if column.best and means else None
-    lines = [
-        "| method | knobs | seeds | " + " | ".join(column.header for column in COLUMNS) + " |",
-        "|---|---|---:|" + "---:|" * len(COLUMNS),
-    ]
+    lora = lora_row(rows)
+    headers = [column.header for column in COLUMNS]
+    delta_at = headers.index(TEST_ACCURACY.header) + 1
+    if lora is not None:
+        headers.insert(delta_at, DELTA_HEADER)
+    lines = ["| method | knobs | seeds | " + " | ".join(headers) + " |", "|---|---|---:|" + "---:|" * len(headers)]
     for row in rows:
         cells = []
         for column in COLUMNS:
@@ -147,8 +166,36 @@ def markdown_table(rows: list[Row]) -> str:
                 best[column.header]
             )
             cells.append(f"**{text}**" if is_best and len(rows) > 1 else text)
-        lines.append(f"| {row.method} | {row.knobs} | {row.seeds_text} | " + " | ".join(cells) + " |")
+        if lora is not None:
+            cells.insert(delta_at, "(baseline)" if row is lora else row.versus(lora).describe(scale=100))
+        name = f"{row.method} (reference)" if row.is_reference else row.method
+        lines.append(f"| {name} | {row.knobs} | {row.seeds_text} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def reference_summary(rows: list[Row], records: list[Record]) -> list[str]:
+    """Lines for the top of the report: the guessing score and the no-adapter reference runs, and a warning in
+    words when no adapter method beats them."""
+    lines = []
+    baselines = {(r["baseline_kind"], r["baseline_accuracy"]) for r in records if r.get("baseline_accuracy") is not None}
+    references = {f"{row.method.replace('_', ' ')} (no adapter)": row.mean(TEST_ACCURACY) for row in rows if row.is_reference}
+    scores = {f"{kind} on the test split": 100 * accuracy for kind, accuracy in baselines}
+    scores.update({name: value for name, value in references.items() if value is not None})
+    if not scores:
+        return lines
+    lines.append("**References:** " + "; ".join(f"{name} {value:.1f}%" for name, value in scores.items()) + ".")
+    adapters = [(row.mean(TEST_ACCURACY), row.method) for row in rows if not row.is_reference]
+    adapters = [(value, method) for value, method in adapters if value is not None]
+    if adapters:
+        best_value, best_method = max(adapters)
+        bar_name, bar = max(scores.items(), key=lambda item: item[1])
+        if best_value <= bar:
+            lines.append(
+                f"**No adapter method beats the references here**: the best, {best_method} at {best_value:.1f}%, "
+                f"does not exceed {bar_name} ({bar:.1f}%). On this model, task and schedule the table cannot tell "
+                "the methods apart; train longer, or use a task the model learns."
+            )
+    return ["", *lines]
 
 
 def _plot_accuracy(rows: list[Row], path: Path) -> None:
@@ -161,6 +208,10 @@ def _plot_accuracy(rows: list[Row], path: Path) -> None:
     for index, row in enumerate(rows):
         label = row.method if len({r.method for r in rows}) == len(rows) else f"{row.method} ({row.knobs})"
         y = row.mean(TEST_ACCURACY)
+        if row.is_reference:  # no adapter parameters to place it at: a horizontal line
+            if y is not None:
+                axes.axhline(y, linestyle="--", color="grey", linewidth=1, label=f"{label} (no adapter)")
+            continue
         if y is None and row.diverged:  # every seed diverged: a cross at the bottom, at its parameter count
             x = Row(row.method, row.knobs, row.diverged).mean(ADAPTER_PARAMS)
             if x is not None:
@@ -240,6 +291,12 @@ _NOTES = """\
 **head params**: the new classification head, trained and saved with every method (`modules_to_save`), not \
 counted in the budget.
 - **test acc**: accuracy on the held-out test split, after restoring the epoch with the best validation accuracy.
+- **Δ vs LoRA (95% CI)**: per seed, the method's test accuracy minus LoRA's on the same seed (same data order and \
+head initialization), in points: the mean, and a Student-t 95% interval over seeds (▲ better / ▼ worse when the \
+interval excludes 0; fewer than 3 seeds give no interval).
+- **(reference)** rows train no adapter: *head only* trains just the new classification head, *zero shot* evaluates \
+the untouched causal LM. The **References** line above the table adds the score of guessing (the training split's \
+majority class, or chance for multiple choice).
 - **forgetting**: the base model's loss on held-out general text (BoolQ questions and Wikipedia passages) with \
 the adapters enabled minus disabled; encoders: in-batch contrastive sentence-embedding loss, causal LMs: \
 next-token loss. Lower is better; 0 means nothing forgotten.
@@ -282,6 +339,7 @@ def build_report(folder: Path) -> str:
             f"{len(records)} runs{f' ({diverged} diverged)' if diverged else ''}; "
             f"{first.get('train_examples', '?')} training and {first.get('test_examples', '?')} "
             f"test examples; {first.get('world_size', 1)} process(es) on {first.get('device', '?')}.",
+            *reference_summary(rows, records),
             "",
             table,
             "",

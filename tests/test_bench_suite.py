@@ -1,0 +1,42 @@
+"""``hirank suite``: a tiny suite of two comparisons into one folder, one report, resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hirank.bench import compare as compare_module
+from hirank.bench.compare import CompareOptions
+from hirank.bench.suite import SUITE_REPORT, UnknownSuiteError, get_suite, run_suite
+
+from .test_bench_tasks import write_fake_data
+
+
+def test_tiny_suite_runs_every_task_into_one_report_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HIRANK_DATA_DIR", str(write_fake_data(tmp_path / "data")))
+    other = "mtlora"  # reaches LoRA r=4's budget on both tiny models
+    base = CompareOptions(methods=("lora", other), seeds=1, general_text_pairs=16)
+    suite = get_suite("tiny")
+    text = run_suite(suite, base, tmp_path / "suite")
+    assert text == (tmp_path / "suite" / SUITE_REPORT).read_text()
+    for entry in suite.entries:
+        assert (tmp_path / "suite" / entry.folder_name / "report.md").exists()
+        assert f"## {entry.task} ({entry.model}" in text
+    overall = text.split("## Overall")[1].split("##")[0]
+    rows = {line.split("|")[1].strip(): line for line in overall.splitlines() if line.startswith("| ")}
+    assert {"lora", other, "head_only", "zero_shot"} <= set(rows)
+    assert rows["lora"].split("|")[2].strip() == "2"  # LoRA ran on both tasks
+    assert rows["lora"].split("|")[6].strip() == "1.00"  # its own step-time ratio
+
+    trained = []
+    monkeypatch.setattr(compare_module, "train_and_evaluate", lambda *a, **k: trained.append(a) or None)
+    run_suite(suite, base, tmp_path / "suite")  # everything recorded: nothing trains again
+    assert trained == []
+
+
+def test_unknown_suite_names_the_known_ones() -> None:
+    with pytest.raises(UnknownSuiteError, match="known suites: glue-small, commonsense, tiny"):
+        get_suite("glue")
