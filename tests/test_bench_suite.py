@@ -40,3 +40,14 @@ def test_tiny_suite_runs_every_task_into_one_report_and_resumes(
 def test_unknown_suite_names_the_known_ones() -> None:
     with pytest.raises(UnknownSuiteError, match="known suites: glue-small, commonsense, tiny"):
         get_suite("glue")
+
+
+def test_cli_suite_and_list(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    from hirank import cli
+
+    assert cli.main(["suite", "nosuch", "--out", str(tmp_path / "s")]) == 2
+    assert "unknown suite 'nosuch'; known suites: glue-small, commonsense, tiny" in capsys.readouterr().err
+    assert cli.main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "peers = lora,dora,vera,c3a,fourierft,lokr,oft,boft,hira,randlora" in listed
+    assert "  c3a " in listed and "not tuned yet" in listed and "glue-small   minilm/sst2, minilm/mrpc, minilm/rte" in listed

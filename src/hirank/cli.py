@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
         "--methods",
         type=lambda text: names(text, "--methods"),
         default=None,
-        help="comma-separated method names (default: every method available in this build)",
+        help="comma-separated method names, or a set: default (LoRA and hirank's methods), peers (LoRA and peft's "
+        "DoRA, VeRA, C3A, FourierFT, LoKr, OFT, BOFT, HiRA, RandLoRA) or all (default: the default set)",
     )
     compare.add_argument(
         "--budget",
@@ -125,6 +126,32 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a model folder or hub id to run its own Python code (auto_map); off: such models are refused",
     )
+    compare.add_argument(
+        "--no-references",
+        action="store_true",
+        help="skip the reference run without an adapter (head only for classification, zero shot for multiple "
+        "choice) that every report shows beside the methods",
+    )
+
+    suite = commands.add_parser(
+        "suite",
+        help="run a named list of comparisons into one folder, with one report; resumable",
+        formatter_class=_HelpFormatter,
+        description="Run every (model, task) comparison of a suite (see 'hirank list') into OUT/<model>-<task>/ and "
+        "write OUT/suite.md: one table per task and an overall table (mean accuracy, mean rank, params, step time "
+        "and memory as ratios to LoRA). Re-running the same command skips finished runs.",
+    )
+    suite.add_argument("name", help="the suite's name (see 'hirank list')")
+    suite.add_argument(
+        "--methods",
+        type=lambda text: names(text, "--methods"),
+        default=None,
+        help="comma-separated method names, or a set: default, peers or all (default: the default set)",
+    )
+    suite.add_argument("--budget", default="lora-r4", help="adapter parameters, as for 'hirank compare'")
+    suite.add_argument("--seeds", type=_number("--seeds"), default=3, help="seeds 0..N-1 per method")
+    suite.add_argument("--out", type=Path, default=None, help="output folder (default: results/suite-<name>)")
+    suite.add_argument("--no-references", action="store_true", help="skip the reference runs without an adapter")
 
     report = commands.add_parser(
         "report", help="rebuild report.md and the plots of a comparison folder", formatter_class=_HelpFormatter
@@ -165,6 +192,7 @@ def _compare(args: argparse.Namespace) -> int:
         eval_limit=args.eval_limit,
         out=args.out,
         trust_remote_code=args.trust_remote_code,
+        references=not args.no_references,
     )
     # everything that needs no model first (the output folder before anything else), then the model's config
     check_output_folder(options.output_dir())
@@ -188,6 +216,22 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _suite(args: argparse.Namespace) -> int:
+    from .bench.budget import read_budget
+    from .bench.compare import CompareOptions
+    from .bench.suite import get_suite, run_suite
+
+    suite = get_suite(args.name)
+    folder = args.out or Path("results") / f"suite-{suite.name}"
+    check_output_folder(folder)
+    base = CompareOptions(methods=args.methods, budget=args.budget, seeds=args.seeds, references=not args.no_references)
+    check_options(base)
+    read_budget(base.budget)
+    print(run_suite(suite, base, folder))
+    print(f"\nsuite report: {folder / 'suite.md'}")
+    return 0
+
+
 def _report(folder: Path) -> int:
     from .bench.report import build_report
 
@@ -198,8 +242,9 @@ def _report(folder: Path) -> int:
 
 
 def _list() -> int:
-    from .bench.methods import METHODS
+    from .bench.methods import METHOD_SETS, METHODS
     from .bench.models import PACKAGED_MODELS
+    from .bench.suite import SUITES
     from .bench.tasks import TASKS
 
     print("models:")
@@ -209,11 +254,17 @@ def _list() -> int:
     print("tasks:")
     for name, task in TASKS.items():
         print(f"  {name:<12} {task.kind:<15} {task.description}")
-    print("methods:")
+    print("methods (sets for --methods: " + ", ".join(f"{name} = {','.join(members)}" for name, members in
+                                                          METHOD_SETS.items() if name != "all") + ", all):")
     for name, spec in METHODS.items():
         status = "available" if spec.available else "not in this build"
-        print(f"  {name:<12} {status:<18} lr {spec.learning_rate:g} (tuned), {spec.paper_learning_rate:g} (paper: "
+        tuned, tuned_source = spec.preset_learning_rate("tuned")
+        print(f"  {name:<12} {status:<18} lr {tuned:g} (tuned: {tuned_source}), {spec.paper_learning_rate:g} (paper: "
               f"{spec.paper_learning_rate_source})")
+    print("suites (hirank suite NAME):")
+    for name, suite in SUITES.items():
+        entries = ", ".join(f"{entry.model}/{entry.task}" for entry in suite.entries)
+        print(f"  {name:<12} {entries}")
     return 0
 
 
@@ -237,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version, or a parse error already printed
         return int(exit_.code or 0)
     try:
-        if args.command == "compare" and args.out is not None:
+        if args.command in ("compare", "suite") and args.out is not None:
             check_output_folder(args.out)  # first, before seconds of imports
         if args.command == "report":
             return _report(args.folder)
@@ -246,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "suite":
+            return _suite(args)
         return _list()
     except Exception as error:
         if not _is_user_error(error):
@@ -262,6 +315,7 @@ _USER_ERRORS = {
     "hirank.bench.methods": ("MethodUnavailableError",),
     "hirank.bench.models": ("UnknownModelError",),
     "hirank.bench.results": ("ResultsFileError",),
+    "hirank.bench.suite": ("UnknownSuiteError",),
     "hirank.bench.tasks": ("MissingDataError", "UnknownTaskError"),
 }
 
