@@ -11,7 +11,7 @@ from torch import nn
 import hirank
 from hirank.analysis import trainable_parameters
 from hirank.bench.budget import BudgetError, count_adapter_parameters, match_budget, parse_budget
-from hirank.bench.methods import METHODS, MethodUnavailableError, get_method
+from hirank.bench.methods import METHOD_SETS, METHODS, MethodUnavailableError, get_method
 from hirank.bench.models import load_model
 from hirank.budget import KNOB_SPACES
 
@@ -28,7 +28,7 @@ def llama():
     return load_model("tiny-llama", "causal_lm").model  # hidden 64, 2 layers, v_proj 64 → 32
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", METHOD_SETS["default"])  # peers are sized by their own test
 @pytest.mark.parametrize(
     "model_name, targets, budget, expected_target",
     [
@@ -156,7 +156,7 @@ def test_match_budget_is_public_in_analysis(bert) -> None:
         hirank.analysis.match_budget("lora", bert, 100, TARGETS)
 
 
-@pytest.mark.parametrize("method", sorted(set(KNOB_SPACES) - set(METHODS)))
+@pytest.mark.parametrize("method", sorted(set(KNOB_SPACES) - set(METHOD_SETS["default"])))
 def test_peft_peers_match_a_lora_budget_exactly_counted(method: str) -> None:
     model = Square(64)
     target = parse_budget("lora-r4", model, ["proj"])

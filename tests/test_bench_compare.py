@@ -150,7 +150,7 @@ def test_report_rebuild(
     [
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["--task", "sst5"], "unknown task 'sst5'; known tasks: sst2"),
-        (["--methods", "lora,dora"], "unknown method 'dora'; available methods: lora"),
+        (["--methods", "lora,nosuch"], "unknown method 'nosuch'; available methods: lora"),
         (["--model", "tiny-llama"], "task sst2 needs a classification model"),
         (["--budget", "12"], "a budget of 12 adapter parameters is out of reach for lora"),
         (["--budget", "lots"], "cannot read budget 'lots'"),

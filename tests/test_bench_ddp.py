@@ -34,6 +34,7 @@ def test_two_process_ddp_compare_has_equal_trainable_parameters_on_both_ranks(tm
         "-m",
         "hirank.cli",
         "compare",
+        "--no-references",
         "--model",
         "tiny-bert",
         "--task",

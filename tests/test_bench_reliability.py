@@ -126,7 +126,7 @@ def _compare_in_child(arguments: list[str], stdout: str, start: multiprocessing.
 def test_two_compare_processes_on_one_folder_run_each_run_once(tmp_path: Path, fake_data: Path) -> None:
     out = tmp_path / "out"
     arguments = [
-        "compare", "--model", "tiny-bert", "--methods", "lora", "--seeds", "4", "--epochs", "1", "--batch-size", "8",
+        "compare", "--no-references", "--model", "tiny-bert", "--methods", "lora", "--seeds", "4", "--epochs", "1", "--batch-size", "8",
         "--max-length", "16", "--train-limit", "16", "--eval-limit", "8", "--out", str(out),
     ]  # fmt: skip
     # forked (torch already imported): two real processes, without paying the import time twice
@@ -240,7 +240,8 @@ def test_diverging_runs_are_recorded_as_diverged_and_the_comparison_goes_on(
     monkeypatch.setattr(compare_module, "train_and_evaluate", train_with_a_nan_loss)
     options = CompareOptions(
         model="tiny-bert", task="sst2", methods=("lora", other), learning_rates={"lora": 1e30}, seeds=2, epochs=2,
-        batch_size=8, max_length=16, train_limit=24, eval_limit=8, general_text_pairs=16, out=tmp_path / "out",
+        batch_size=8, max_length=16, train_limit=24, eval_limit=8, general_text_pairs=16, references=False,
+        out=tmp_path / "out",
     )  # fmt: skip
     records = {(record["method"], record["seed"]): record for record in compare(options)}
     adapters = options.output_dir() / "adapters"

@@ -89,7 +89,7 @@ def _compare(launcher: list[str], out: Path, data: Path) -> tuple[dict, str]:
     """One tiny ``hirank compare`` of Quantum-PEFT (global batch 4), launched by ``launcher``: (record, stderr)."""
     per_process_batch = "2" if launcher else "4"
     command = launcher + ["-m", "hirank.cli"] if launcher else [sys.executable, "-m", "hirank.cli"]
-    command += ["compare", "--model", "tiny-bert", "--task", "sst2", "--methods", "quantum_peft", "--budget", "lora-r4",
+    command += ["compare", "--no-references", "--model", "tiny-bert", "--task", "sst2", "--methods", "quantum_peft", "--budget", "lora-r4",
                 "--seeds", "1", "--epochs", "1", "--batch-size", per_process_batch, "--max-length", "32",
                 "--train-limit", "16", "--eval-limit", "10", "--out", str(out)]
     environment = {**os.environ, "HIRANK_DATA_DIR": str(data), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",

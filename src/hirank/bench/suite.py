@@ -3,8 +3,8 @@
 Each entry is an ordinary ``hirank compare`` in ``FOLDER/<model>-<task>/`` (so each is resumable on its own and
 ``hirank report`` works on it); ``FOLDER/suite.md`` holds one table per task and an overall table.
 
-Schedules: a task is only informative if LoRA beats the majority class on it. The epochs of ``glue-small`` were
-picked on the *validation* split with LoRA (seed 0; the test split played no part): see ``SCHEDULE_NOTES``.
+Schedules: a task is only informative if LoRA beats the majority class on it. The epochs of ``glue-small`` are
+provisional (longer for the smaller tasks): they still have to be checked on the *validation* split with LoRA.
 """
 
 from __future__ import annotations
