@@ -175,6 +175,23 @@ def train_step(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[]
     return step
 
 
+def tensor_step(model: nn.Module, x: torch.Tensor, train: bool = True) -> Callable[[], None]:
+    """Forward of ``model`` on the tensor ``x``, backward of the mean square (+ AdamW on the trainable parameters
+    when ``train``), as a closure."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if train else None
+
+    def step() -> None:
+        x.grad = None
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        model(x).float().square().mean().backward()
+        if optimizer is not None:
+            optimizer.step()
+
+    return step
+
+
 def train_step_seconds(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 10) -> float:
     """Median time of one forward + backward + AdamW step."""
     return median_seconds(train_step(model, inputs), repeats)

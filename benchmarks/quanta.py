@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -26,7 +24,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import hirank  # noqa: E402
-from common import argument_parser, parse_args, print_table  # noqa: E402
+from common import (  # noqa: E402
+    argument_parser, interleaved_seconds, parse_args, print_table, saved_activation_bytes, tensor_step,
+)
 from hirank.analysis import match_budget, trainable_parameters  # noqa: E402
 from hirank.ops.quanta import QuantaCircuit, gate_pairs  # noqa: E402
 
@@ -74,34 +74,6 @@ def einsum_model(quanta_model: nn.Module, d: int) -> nn.Module:
     return model
 
 
-def train_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
-        optimizer.step()
-
-    return step
-
-
-def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward during one forward (each storage once; frozen weights excluded)."""
-    frozen = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
-        b.untyped_storage().data_ptr() for b in model.buffers()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in frozen:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(storages.values())
-
-
 def compare(d: int, tokens: int, rounds: int) -> list[dict[str, object]]:
     x = torch.randn(tokens, d)
     lora = get_peft_model(mlp(d), LoraConfig(target_modules=TARGETS, r=8, lora_alpha=16))
@@ -112,16 +84,8 @@ def compare(d: int, tokens: int, rounds: int) -> list[dict[str, object]]:
               "quanta at budget": get_peft_model(mlp(d), hirank.QuantaConfig(target_modules=TARGETS, **match.knobs))}
     models["einsum ref (default factors)"] = einsum_model(models["quanta default"], d)
     models["einsum ref (budget factors)"] = einsum_model(models["quanta at budget"], d)
-    steps = {name: train_step(model.train(), x) for name, model in models.items()}
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.thread_time()
-            step()
-            times[name].append(time.thread_time() - start)
-    memory = {name: saved_bytes(model, x) for name, model in models.items()}
+    times = interleaved_seconds({name: tensor_step(model.train(), x) for name, model in models.items()}, rounds, 1)
+    memory = {name: saved_activation_bytes(lambda m=model: m(x).square().mean(), model) for name, model in models.items()}
 
     def ratio(name: str, reference: str) -> str:
         per_round = [a / b for a, b in zip(times[name], times[reference])]

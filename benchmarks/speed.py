@@ -44,7 +44,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 import hirank  # noqa: E402
-from common import LinearStack, argument_parser, interleaved_seconds, parse_args, saved_activation_bytes  # noqa: E402
+from common import (  # noqa: E402
+    LinearStack, argument_parser, interleaved_seconds, parse_args, saved_activation_bytes, tensor_step,
+)
 from hirank.analysis import match_budget  # noqa: E402
 from hirank.budget import (  # noqa: E402
     KNOB_SPACES, BudgetError, adapter_parameters, count_adapter_parameters, format_knobs, knob_space, lora_knobs,
@@ -106,22 +108,6 @@ def shared_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, {id(p): p for p in model.parameters()})
 
 
-def make_step(model: nn.Module, x: torch.Tensor, train: bool) -> Callable[[], None]:
-    """Forward + backward (+ AdamW on the trainable parameters when ``train``) as a closure."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if train else None
-
-    def step() -> None:
-        x.grad = None
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-        model(x).float().square().mean().backward()
-        if optimizer is not None:
-            optimizer.step()
-
-    return step
-
-
 def measure_memory(row: Row, model: nn.Module, x: torch.Tensor) -> None:
     x.grad = None
     row.saved_bytes = saved_activation_bytes(lambda: model(x).float().square().mean(), model)
@@ -181,7 +167,7 @@ def build(rows: list[Row], base: LinearStack, targets: list[str], x: torch.Tenso
                 model = get_peft_model(shared_copy(base), config).to(x.device)
                 model.train()
                 row.params = adapter_parameters(model)
-                row.step = make_step(model, x, train=True)
+                row.step = tensor_step(model, x, train=True)
                 row.step()  # first step: lazy caches, allocator warm
                 measure_memory(row, model, x)
         except (ValueError, TypeError, RuntimeError, NotImplementedError) as error:  # e.g. a dtype a peer lacks
@@ -220,7 +206,7 @@ def run_setting(d: int, tokens: int, names: list[str], args: Any, dtype: torch.d
     if reference is None:
         raise SystemExit("peft LoRA failed to build: no reference for the ratios.")
     frozen = Row(BASE, "—", {})
-    frozen.step = make_step(base, x, train=False)
+    frozen.step = tensor_step(base, x, train=False)
     measure_memory(frozen, base, x)
     steps = {row.label: row.step for row in [frozen, *rows]}
     print(f"  {len(rows)} models built in {time.perf_counter() - started:.0f} s; timing {args.rounds} rounds")

@@ -21,7 +21,6 @@ import statistics
 import sys
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable
 
 import torch
 from peft import LoraConfig, PeftConfig, get_peft_model
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import hirank  # noqa: E402
 from common import (  # noqa: E402
     DEVICE, adapted, argument_parser, batch, best_seconds, clock, dense_delta_forward, layer_step, parse_args,
-    print_table, synchronize, train_step,
+    interleaved_seconds, print_table, saved_activation_bytes, tensor_step, train_step,
 )
 from hirank.tuners.surm.layer import SurmLayer  # noqa: E402
 
@@ -127,52 +126,6 @@ def mlp_configs() -> dict[str, PeftConfig]:
     return configs
 
 
-def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the distinct tensors one forward saves for backward, parameters excluded (deterministic)."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(x).square().mean()
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(storages.values())
-
-
-def mlp_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    """One forward + backward + AdamW step of ``model`` on ``x``."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
-        optimizer.step()
-
-    return step
-
-
-def interleaved_seconds(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    """Per step, its times over ``rounds`` rounds that each run every step once, in turn (after one warm-up)."""
-    now = clock()
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            synchronize()
-            start = now()
-            step()
-            synchronize()
-            times[name].append(now() - start)
-    return times
-
-
 def mlp_table(dims: list[int], token_counts: list[int], rounds: int) -> list[dict[str, object]]:
     """Issue 12's ratios to peft LoRA r=8: step time (median of interleaved rounds, spread) and saved bytes."""
     rows = []
@@ -184,8 +137,8 @@ def mlp_table(dims: list[int], token_counts: list[int], rounds: int) -> list[dic
             for name, config in mlp_configs().items():
                 torch.manual_seed(0)
                 models[name] = get_peft_model(GeluMlp(d), config).to(DEVICE)
-            memory = {name: saved_activation_bytes(model, x) for name, model in models.items()}
-            times = interleaved_seconds({name: mlp_step(model, x) for name, model in models.items()}, rounds)
+            memory = {name: saved_activation_bytes(lambda m=model: m(x).square().mean(), model) for name, model in models.items()}
+            times = interleaved_seconds({name: tensor_step(model, x) for name, model in models.items()}, rounds, warmup=1)
             lora = statistics.median(times["peft lora r=8"])
             for name in models:
                 median = statistics.median(times[name])

@@ -10,7 +10,6 @@ provisional (longer for the smaller tasks): they still have to be checked on the
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
