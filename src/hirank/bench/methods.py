@@ -76,7 +76,7 @@ class MethodSpec:
 
     @property
     def available(self) -> bool:
-        return self.config_cls() is not None
+        return self.knob_space.available
 
     def make_config(
         self, target_modules: Sequence[str], knobs: Mapping[str, Any], modules_to_save: Sequence[str] | None = None
