@@ -6,13 +6,27 @@ authors' fixed order (fastest-varying pair first; spec §1.2): for D = 4 (3,4)�
 The circuit is the linear map M(θ) = G⁽¹²⁾·…·G⁽³⁴⁾. For a rectangular layer each axis a may also change
 size n_a → m_a at the first gate that touches it (spec §1.5, our extension); afterwards it stays m_a.
 
-Execution (ours, not the paper's): the state of T tokens is one contiguous tensor whose axes (tokens and
-n₁…n_D) are kept in a *layout* chosen per gate, so that every gate is one GEMM (or a batched GEMM over a few
-leading axes with the tokens inside the matrix columns) and no gate needs a permute of its own; a small
-dynamic program (``_plan_layouts``) picks the layouts with the fewest copies. The authors contract with one
-einsum per gate on the state in its natural order, which permutes twice per gate and runs small-batched
-matmuls ([T·N/(n_a n_b·R), n_a n_b, R] with tiny R). Backward is a custom autograd Function that saves only the
-input and recomputes the states chunk by chunk over tokens, so activation memory stays that of one input.
+Execution (ours, not the paper's). The state of T tokens is one contiguous tensor with the tokens last and
+the circuit axes in a *layout*: it starts as x's own axis order (x is read transposed by the first GEMM, no
+copy) and every gate writes its pair back swapped. The official gate order is then a bubble sort of the axes,
+so every gate finds its two axes adjacent and runs as one GEMM (batched over the axes in front, tokens inside
+the matrix columns) on the state as laid out: no permute between gates. The layout ends reversed; one
+relayout (two copies near memory speed) brings the output back. The authors contract with one einsum per gate
+on the state in its natural order, which permutes twice per gate. Backward is a custom autograd Function that
+saves only x and recomputes the gate inputs chunk by chunk over tokens, so activation memory stays that of x.
+M(θ)x and M(θ₀)x share the layouts, so the relayouts of a step (output; incoming gradient; ∂x) are done once
+for both branches.
+
+Cost model (``QuantaCircuit.structured_cost`` / ``dense_cost``, in multiply-adds of a large dense GEMM):
+a step of the structured path is 6 passes through the circuit (forward θ and θ₀; in backward the recomputed
+inputs, the θ chain, the gate gradients, the θ₀ chain), and one gate of contraction size k over a state of S
+elements costs S·(k + κ): its k multiply-adds per element, plus κ ≈ 80 for small GEMMs' packing and memory
+traffic (fitted on one CPU thread: a D = 4 step at N = 1024 costs ≈ 20·N·Σk, not 6·N·Σk). The dense path
+builds ΔW = M(θ) − M(θ₀) once per step (the structured step on the N_in rows of the identity) and then costs
+three T × N_in × N_out GEMMs (forward, ∂x, ∂ΔW). Per token the structured path is cheaper where
+6·Σ(k + κ) < 3·N, e.g. every 4-axis layer from N = 2048 on; at N = 1024 with 4 axes (Σk ≈ 208–240 plus
+6κ) the dense path's smaller per-token cost repays its build beyond ≈ 3–4 thousand tokens per step, and a
+2-axis layer (one dense gate) prefers it from a few hundred tokens. ``prefer_dense`` picks per layer and step.
 """
 
 from __future__ import annotations
@@ -56,122 +70,58 @@ def padded_factors(n: int, n_axes: int) -> tuple[int, ...]:
     return (size,) * n_axes
 
 
-#: The token axis in a layout (circuit axes are 0 … D−1).
-TOKENS = -1
-#: Cost of moving one element in a permute copy, in multiply-adds (measured: permuting 512·1024 floats
-#: takes as long as a GEMM of 512·1024 × 16 × 16 on one CPU thread).
-COPY_COST_MACS = 16
-#: Layout search is exhaustive up to this many axes (7! layouts); beyond it every gate moves its pair last.
-_MAX_SEARCHED_AXES = 6
-
-
 @dataclass(frozen=True)
 class GateStep:
-    """How one gate runs: the layout its input is put in, and where its pair sits there."""
+    """How one gate runs on the state of T tokens held as one contiguous (before, k_in, after·T) tensor.
+
+    The circuit axes are kept in a *layout* (an order of the D axes, tokens last) that starts as x's own axes
+    (x read transposed, no copy) and in which every gate writes its pair back in swapped order: the official
+    gate order is then a bubble sort that always finds its pair adjacent, so no gate needs a permute.
+    """
 
     pair: tuple[int, int]
-    layout: tuple[int, ...]
-    position: int  # index in ``layout`` of the first of the pair's two (adjacent) axes
-    swapped: bool  # True when the layout holds the pair as (b, a)
+    before: int  # product of the sizes of the axes in front of the pair
+    after: int  # product of the sizes of the axes behind it (the tokens follow them)
+    flipped: bool  # the layout holds the pair as (b, a)
+
+    def matrix(self, gate: torch.Tensor) -> torch.Tensor:
+        """(out_a, out_b, in_a, in_b) → (k_out, k_in) with inputs in layout order and outputs swapped.
+
+        Always a fresh copy (the gates are tiny): a view into the flat vector would sit at an offset whose
+        alignment depends on where the vector was allocated (a loaded checkpoint vs a new one), and BLAS
+        kernels round differently for different alignments, so equal gates would not give bitwise equal
+        outputs."""
+        out_a, out_b, in_a, in_b = gate.shape
+        permuted = gate.permute(0, 1, 3, 2) if self.flipped else gate.permute(1, 0, 2, 3)
+        return permuted.clone(memory_format=torch.contiguous_format).view(out_a * out_b, in_a * in_b)
+
+    def gate_gradient(self, grad_matrix: torch.Tensor, gate_shape: torch.Size) -> torch.Tensor:
+        """∂L/∂matrix (k_out, k_in) → ∂L/∂gate, flat (the inverse of ``matrix``'s permutation)."""
+        out_a, out_b, in_a, in_b = gate_shape
+        if self.flipped:
+            return grad_matrix.view(out_a, out_b, in_b, in_a).permute(0, 1, 3, 2).reshape(-1)
+        return grad_matrix.view(out_b, out_a, in_a, in_b).permute(1, 0, 2, 3).reshape(-1)
 
 
-def _fits(layout: tuple[int, ...], pair: tuple[int, int]) -> bool:
-    """The pair is adjacent and its GEMM well shaped: at either end (one GEMM), or tokens after it (a batched
-    GEMM over the few leading axes, tokens in the columns)."""
-    i, j = layout.index(pair[0]), layout.index(pair[1])
-    low = min(i, j)
-    return abs(i - j) == 1 and (low == 0 or low + 2 == len(layout) or layout.index(TOKENS) > low)
+#: Cost of one gate per element of its state beyond its multiply-adds, in multiply-adds of a large GEMM:
+#: small-k GEMMs pack and stream the whole state (fitted on one CPU thread at N = 1024–2048, D = 2–4: steps
+#: measured 17–22·N·Σk for D = 4, 11·N·Σk for D = 3, 6·N·Σk for D = 2, against 6·N·Σk of pure multiply-adds).
+SMALL_GEMM_OVERHEAD = 80
 
 
-def _plan_layouts(n_axes: int, pairs: tuple[tuple[int, int], ...]) -> tuple[tuple[int, ...], ...]:
-    """The layout of each gate's input, with the fewest permute copies from (tokens, 1…D) back to it.
-
-    Dynamic program over layouts with the tokens first or last: a gate either runs in the current layout
-    (free, when ``_fits``) or after one copy into any fitting layout; ties prefer single GEMMs.
-    """
-    natural = (TOKENS, *range(n_axes))
-    if n_axes > _MAX_SEARCHED_AXES:
-        return tuple((TOKENS, *(a for a in range(n_axes) if a not in pair), *pair) for pair in pairs)
-    layouts = [(TOKENS, *p) for p in itertools.permutations(range(n_axes))]
-    layouts += [(*p, TOKENS) for p in itertools.permutations(range(n_axes))]
-    cost = {layout: 0.0 if layout == natural else 1.0 for layout in layouts}
-    choices = []
-    for pair in pairs:
-        best = min(cost, key=cost.get)
-        new_cost, choice = {}, {}
-        for layout in layouts:
-            if not _fits(layout, pair):
-                continue
-            batched = 0.0 if min(layout.index(pair[0]), layout.index(pair[1])) in (0, n_axes - 1) else 0.01
-            stay = cost.get(layout, math.inf)
-            previous = layout if stay <= cost[best] + 1 else best
-            new_cost[layout] = min(stay, cost[best] + 1) + batched
-            choice[layout] = previous
-        cost = new_cost
-        choices.append(choice)
-    layout = min(cost, key=lambda l: cost[l] + (l != natural))
-    plan = [layout]
-    for choice in reversed(choices[1:]):
-        layout = choice[layout]
-        plan.append(layout)
-    return tuple(reversed(plan))
-
-
-def _relayout(state: torch.Tensor, source: tuple[int, ...], target: tuple[int, ...]) -> torch.Tensor:
-    """The state (axes in ``source`` order) copied into ``target`` order; no copy when they agree."""
-    if source == target:
-        return state
-    return state.permute([source.index(axis) for axis in target]).contiguous()
-
-
-def _gate_matrix(gate: torch.Tensor, swapped: bool) -> torch.Tensor:
-    """(out_a, out_b, in_a, in_b) → the (out, in) matrix for the pair held as (a, b) or, swapped, (b, a).
-
-    Always a fresh copy (the gates are tiny): a view into the flat vector would sit at an offset whose
-    alignment depends on where the vector was allocated (a loaded checkpoint vs a new one), and BLAS kernels
-    round differently for different alignments, so equal gates would not give bitwise equal outputs."""
-    gate = gate.permute(1, 0, 3, 2) if swapped else gate
-    return gate.reshape(gate.shape[0] * gate.shape[1], gate.shape[2] * gate.shape[3]).clone()
-
-
-def _split_at(shape: torch.Size, position: int) -> tuple[int, int, int]:
-    """(P, k, R): sizes before, of, and after the two axes at ``position``."""
-    return math.prod(shape[:position]), shape[position] * shape[position + 1], math.prod(shape[position + 2:])
-
-
-def _gate_forward(state: torch.Tensor, step: GateStep, matrix: torch.Tensor, out_pair: tuple[int, int]) -> torch.Tensor:
-    """Apply the (k_out, k) gate matrix to the pair at ``step.position``: one GEMM, or a GEMM batched over P."""
-    shape = list(state.shape)
-    rows, k, cols = _split_at(state.shape, step.position)
-    if cols == 1:
-        out = state.reshape(rows, k) @ matrix.T
-    elif rows == 1:
-        out = matrix @ state.reshape(k, cols)
-    else:
-        out = torch.matmul(matrix, state.reshape(rows, k, cols))
-    shape[step.position: step.position + 2] = out_pair
-    return out.reshape(shape)
-
-
-def _gate_backward(grad: torch.Tensor, step: GateStep, matrix: torch.Tensor, in_shape: torch.Size,
-                   state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(∂L/∂input, ∂L/∂matrix or None without the input ``state``) from ∂L/∂output of one gate."""
-    rows, k_out, cols = _split_at(grad.shape, step.position)
-    k = matrix.shape[1]
-    grad_matrix = None
-    if cols == 1:
-        grad_in = grad.reshape(rows, k_out) @ matrix
-        if state is not None:
-            grad_matrix = grad.reshape(rows, k_out).T @ state.reshape(rows, k)
-    elif rows == 1:
-        grad_in = matrix.T @ grad.reshape(k_out, cols)
-        if state is not None:
-            grad_matrix = grad.reshape(k_out, cols) @ state.reshape(k, cols).T
-    else:
-        grad_in = torch.matmul(matrix.T, grad.reshape(rows, k_out, cols))
-        if state is not None:
-            grad_matrix = torch.matmul(grad.reshape(rows, k_out, cols), state.reshape(rows, k, cols).transpose(1, 2)).sum(0)
-    return grad_in.reshape(in_shape), grad_matrix
+def _bubble_steps(in_factors: tuple[int, ...], gate_shapes: tuple[tuple[int, int, int, int], ...]) -> tuple[GateStep, ...]:
+    """The layout of every gate: start in x's axis order, swap each gate's pair (spec §1.2 order)."""
+    layout, sizes, steps = list(range(len(in_factors))), list(in_factors), []
+    for (a, b), shape in zip(gate_pairs(len(in_factors)), gate_shapes):
+        i, j = layout.index(a), layout.index(b)
+        if abs(i - j) != 1:
+            raise AssertionError(f"gate {(a, b)} not adjacent in layout {layout}")  # cannot happen: bubble sort
+        low = min(i, j)
+        steps.append(GateStep((a, b), math.prod(sizes[axis] for axis in layout[:low]),
+                              math.prod(sizes[axis] for axis in layout[low + 2:]), i > j))
+        sizes[a], sizes[b] = shape[0], shape[1]
+        layout[low], layout[low + 1] = layout[low + 1], layout[low]
+    return tuple(steps)
 
 
 @dataclass(frozen=True)
@@ -203,15 +153,11 @@ class QuantaCircuit:
             shapes.append((self.out_factors[a], self.out_factors[b], current[a], current[b]))
             current[a], current[b] = self.out_factors[a], self.out_factors[b]
         object.__setattr__(self, "gate_shapes", tuple(shapes))
-        steps = []
-        for pair, layout in zip(gate_pairs(len(self.in_factors)), _plan_layouts(len(self.in_factors), gate_pairs(len(self.in_factors)))):
-            i, j = layout.index(pair[0]), layout.index(pair[1])
-            steps.append(GateStep(pair, layout, min(i, j), i > j))
-        object.__setattr__(self, "steps", tuple(steps))
+        object.__setattr__(self, "steps", _bubble_steps(self.in_factors, self.gate_shapes))
 
     #: (out_a, out_b, in_a, in_b) per gate, tracking each axis's current size along the circuit.
     gate_shapes: tuple[tuple[int, int, int, int], ...] = field(init=False, repr=False, compare=False)
-    #: how each gate runs (layout and position of its pair), planned once
+    #: how each gate runs (where its pair sits in the bubble layout), planned once
     steps: tuple[GateStep, ...] = field(init=False, repr=False, compare=False)
 
     @property
@@ -226,34 +172,27 @@ class QuantaCircuit:
         """Σ over gates of (out_a·out_b)(in_a·in_b); for square factors Σ_{a<b} (n_a n_b)² (spec §1.6)."""
         return sum(math.prod(shape) for shape in self.gate_shapes)
 
-    def macs_per_token(self) -> int:
-        """Multiply-adds of one ``apply`` per token: each gate costs (its size) × (the other axes' sizes)."""
+    # ---- cost model: structured circuit vs a dense ΔW built once per step (module docstring) ------------
+    def pass_cost_per_token(self) -> int:
+        """Dense-GEMM multiply-add equivalents of one pass through the circuit, per token: each gate costs its
+        multiply-adds plus ``SMALL_GEMM_OVERHEAD`` per element of its (larger) state."""
         current, total = list(self.in_factors), 0
         for (a, b), shape in zip(gate_pairs(len(current)), self.gate_shapes):
-            total += math.prod(shape) * math.prod(current) // (current[a] * current[b])
+            state_in = math.prod(current)
+            state_out = state_in // (current[a] * current[b]) * shape[0] * shape[1]
+            total += state_out * shape[2] * shape[3] + SMALL_GEMM_OVERHEAD * max(state_in, state_out)
             current[a], current[b] = shape[0], shape[1]
         return total
 
-    def copies(self) -> int:
-        """Permute copies of the state in one pass through the circuit (the planned layouts' changes)."""
-        natural = (TOKENS, *range(len(self.in_factors)))
-        layouts = [natural, *(step.layout for step in self.steps), natural]
-        return sum(a != b for a, b in zip(layouts, layouts[1:]))
-
-    # ---- cost model: structured circuit vs a dense ΔW built once per step ------------------------------
     def structured_cost(self, tokens: int) -> int:
-        """Multiply-add equivalents of one training step of ``apply_difference`` on ``tokens`` rows.
-
-        Six circuit passes: forward for θ and θ₀; in backward the recomputed states, the chain through θ
-        (giving ∂x), the gate gradients and the chain through θ₀; each pass also pays its permute copies.
-        """
-        per_pass = self.macs_per_token() + COPY_COST_MACS * max(self.in_size, self.out_size) * self.copies()
-        return 6 * tokens * per_pass
+        """Cost of one training step of ``apply_difference`` on ``tokens`` rows: six circuit passes (forward θ
+        and θ₀; backward: recomputed inputs, θ chain, gate gradients, θ₀ chain)."""
+        return 6 * tokens * self.pass_cost_per_token()
 
     def dense_cost(self, tokens: int) -> int:
-        """The same for ``x @ delta_dense(θ, θ₀)ᵀ``: three (tokens × d_in × d_out) products (forward, ∂x,
-        ∂ΔW) plus the six passes of the difference circuit over the d_in rows of the identity."""
-        return 3 * tokens * self.in_features * self.out_features + 6 * self.in_features * self.macs_per_token()
+        """The same for ``x @ delta_dense(θ, θ₀)ᵀ``: three (tokens × d_in × d_out) GEMMs (forward, ∂x, ∂ΔW)
+        plus building ΔW, a structured step on the d_in rows of the identity."""
+        return 3 * tokens * self.in_features * self.out_features + self.structured_cost(self.in_features)
 
     def prefer_dense(self, tokens: int) -> bool:
         """True where building ΔW densely once per step is cheaper than the structured path (tokens ≫ d, or
@@ -304,42 +243,78 @@ class QuantaCircuit:
             out = torch.nn.functional.pad(out, (0, self.out_features - self.out_size))  # crops if negative
         return out
 
-    def forward_states(self, x: torch.Tensor, gates: list[torch.Tensor], keep: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """x (T, in_size) → (M x as (T, out_size), each gate's input in its layout if ``keep``; the last gate is
-        not run when keeping, as backward needs only the inputs)."""
-        natural = (TOKENS, *range(len(self.in_factors)))
-        state, layout, states = x.reshape(x.shape[0], *self.in_factors), natural, []
-        for step, gate in zip(self.steps, gates):
-            state, layout = _relayout(state, layout, step.layout), step.layout
-            if keep:
-                states.append(state)
-                if len(states) == len(self.steps):
-                    return state, states
-            out_pair = (gate.shape[1], gate.shape[0]) if step.swapped else (gate.shape[0], gate.shape[1])
-            state = _gate_forward(state, step, _gate_matrix(gate, step.swapped), out_pair)
-        return _relayout(state, layout, natural).reshape(x.shape[0], self.out_size), states
+    def matrices(self, flat_gates: torch.Tensor) -> list[torch.Tensor]:
+        """Each gate as the (k_out, k_in) matrix its step multiplies by (fresh copies, see ``GateStep.matrix``)."""
+        return [step.matrix(gate) for step, gate in zip(self.steps, self.split(flat_gates))]
 
-    def backward_chain(self, grad: torch.Tensor, gates: list[torch.Tensor],
-                       states: list[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """∂L/∂out (T, out_size) → (Mᵀ ∂L/∂out as (T, in_size), ∂L/∂gate per gate if the gate inputs are given)."""
-        natural = (TOKENS, *range(len(self.in_factors)))
-        grad, layout = grad.reshape(grad.shape[0], *self.out_factors), natural
+    def chain(self, x: torch.Tensor, matrices: list[torch.Tensor], keep: bool = False
+              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x (T, in_size), any strides → (M x in the end layout (m_D, …, m_1, T), contiguous; each gate's input
+        as (before, k_in, after·T) if ``keep``, the last gate then not run: backward needs only the inputs).
+
+        The first gate reads x transposed (BLAS takes the strided operand, no copy); each gate is one
+        (batched) GEMM with the tokens inside the matrix columns."""
+        state, inputs = x.T, []
+        outputs = self.steps[:-1] if keep else self.steps
+        workspace = _Workspace(x, [x.shape[0] * step.before * k_out * step.after
+                                   for step, (k_out, _) in zip(outputs, (m.shape for m in matrices))], keep)
+        for step, matrix in zip(self.steps, matrices):
+            state = state.reshape(step.before, matrix.shape[1], -1)
+            if keep:
+                inputs.append(state)
+                if len(inputs) == len(self.steps):
+                    return state, inputs
+            state = torch.matmul(matrix, state, out=workspace.next((step.before, matrix.shape[0], state.shape[2])))
+        return state, inputs
+
+    def chain_backward(self, grad: torch.Tensor, matrices: list[torch.Tensor], inputs: list[torch.Tensor] | None
+                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """∂L/∂(M x) in the end layout → (Mᵀ ∂L/∂(M x) as (in_size, T), ∂L/∂gate (flat) per gate if the gate
+        inputs of ``chain(keep=True)`` are given)."""
+        tokens = grad.numel() // self.out_size
+        workspace = _Workspace(grad, [tokens * step.before * k_in * step.after
+                                      for step, (_, k_in) in zip(self.steps, (m.shape for m in matrices))], False)
         gate_grads: list[torch.Tensor] = []
         for index in range(len(self.steps) - 1, -1, -1):
-            step, gate = self.steps[index], gates[index]
-            grad, layout = _relayout(grad, layout, step.layout), step.layout
-            in_shape = list(grad.shape)
-            in_pair = (gate.shape[3], gate.shape[2]) if step.swapped else (gate.shape[2], gate.shape[3])
-            in_shape[step.position: step.position + 2] = in_pair
-            grad, grad_matrix = _gate_backward(grad, step, _gate_matrix(gate, step.swapped), torch.Size(in_shape),
-                                               None if states is None else states[index])
-            if grad_matrix is not None:
-                o1, o2, i1, i2 = gate.shape
-                grad_gate = (grad_matrix.reshape(o2, o1, i2, i1).permute(1, 0, 3, 2) if step.swapped
-                             else grad_matrix.reshape(o1, o2, i1, i2))
-                gate_grads.append(grad_gate.reshape(-1))
+            step, matrix = self.steps[index], matrices[index]
+            grad = grad.reshape(step.before, matrix.shape[0], -1)
+            if inputs is not None:
+                grad_matrix = torch.matmul(grad, inputs[index].transpose(1, 2))
+                gate_grads.append(step.gate_gradient(grad_matrix.sum(0), self.gate_shapes[index]))
+            grad = torch.matmul(matrix.T, grad, out=workspace.next((step.before, matrix.shape[1], grad.shape[2])))
         gate_grads.reverse()
-        return _relayout(grad, layout, natural).reshape(grad.shape[0], self.in_size), gate_grads
+        return grad.reshape(self.in_size, -1), gate_grads
+
+    def to_end_layout(self, y: torch.Tensor) -> torch.Tensor:
+        """(T, out_size) natural → the end layout (m_D, …, m_1, T), contiguous. Two copies that run near memory
+        speed (a blocked 2-D transpose, then a reversal of the axes in runs of T) instead of one permute whose
+        innermost axis jumps by T·out_size/m_D: half the time, measured."""
+        axes = len(self.out_factors)
+        transposed = y.T.contiguous().view(*self.out_factors, y.shape[0])
+        return transposed.permute([*range(axes - 1, -1, -1), axes]).contiguous()
+
+    def from_end_layout(self, state: torch.Tensor, tokens: int) -> torch.Tensor:
+        """The end layout (m_D, …, m_1, T) → (T, out_size) natural, by the same two copies in reverse."""
+        axes = len(self.out_factors)
+        ordered = state.reshape(*reversed(self.out_factors), tokens).permute([*range(axes - 1, -1, -1), axes])
+        return ordered.reshape(self.out_size, tokens).T.contiguous()
+
+
+class _Workspace:
+    """Memory for a chain's successive states, allocated once: alternating between two slots, or (``keep``)
+    one slot per state. Many fresh multi-MiB tensors per pass cost page faults that took as long as the GEMMs
+    themselves (one CPU thread, 512 × 1024 states)."""
+
+    def __init__(self, like: torch.Tensor, sizes: list[int], keep: bool) -> None:
+        largest = max(sizes, default=0)
+        self.offsets = list(itertools.accumulate([0, *sizes[:-1]])) if keep else [largest * (i % 2) for i in range(len(sizes))]
+        self.memory = torch.empty(sum(sizes) if keep else largest * min(2, len(sizes)), dtype=like.dtype, device=like.device)
+        self.index = 0
+
+    def next(self, shape: tuple[int, ...]) -> torch.Tensor:
+        start = self.offsets[self.index]
+        self.index += 1
+        return self.memory[start: start + math.prod(shape)].view(shape)
 
 
 def _backward_chunk(tokens: int, n_gates: int) -> int:
@@ -348,20 +323,30 @@ def _backward_chunk(tokens: int, n_gates: int) -> int:
     return max(1, -(-tokens // max(1, n_gates - 1)))
 
 
+def _unless_equal(trained: torch.Tensor, frozen: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """trained − frozen, exactly 0 (bitwise) where θ = θ₀ (``same``): the frozen branch then takes the trained
+    branch's own values, so a fresh adapter leaves outputs and upstream gradients untouched."""
+    return trained - torch.where(same, trained, frozen)
+
+
 class _CircuitFunction(torch.autograd.Function):
-    """M(θ)x, or M(θ)x − M(θ₀)x, saving only x: backward recomputes each chunk's gate inputs (spec §1.4)."""
+    """M(θ)x, or M(θ)x − M(θ₀)x, saving only x: backward recomputes each chunk's gate inputs (spec §1.4).
+
+    One step costs six passes through the circuit (forward θ and θ₀; backward: recomputed θ inputs, the θ
+    chain, the gate gradients, the θ₀ chain) and three copies of the state: the forward's output and the
+    backward's incoming gradient are permuted once for both branches, and the input gradient is transposed
+    once (``QuantaCircuit.structured_cost``)."""
 
     @staticmethod
     def forward(x: torch.Tensor, flat_gates: torch.Tensor, frozen_gates: torch.Tensor | None,
                 circuit: QuantaCircuit) -> torch.Tensor:
         # in x's dtype even under autocast (the layer casts x to the gates' float32): backward runs without it
         with torch.autocast(x.device.type, enabled=False):
-            out, _ = circuit.forward_states(x, circuit.split(flat_gates), keep=False)
-            if frozen_gates is None:
-                return out
-            frozen, _ = circuit.forward_states(x, circuit.split(frozen_gates), keep=False)
-            # θ = θ₀ gives ΔW = 0 exactly: take the trained branch's own values there, so out − out = 0 bitwise
-            return out - torch.where((flat_gates == frozen_gates).all(), out, frozen)
+            out, _ = circuit.chain(x, circuit.matrices(flat_gates))
+            if frozen_gates is not None:
+                frozen, _ = circuit.chain(x, circuit.matrices(frozen_gates))
+                out = _unless_equal(out, frozen, (flat_gates == frozen_gates).all())
+            return circuit.from_end_layout(out, x.shape[0])
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -372,24 +357,28 @@ class _CircuitFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, flat_gates, frozen_gates = ctx.saved_tensors
-        grad_out = grad_out.to(x.dtype)
         circuit: QuantaCircuit = ctx.circuit
-        gates = circuit.split(flat_gates)
-        frozen = None if frozen_gates is None else circuit.split(frozen_gates)
+        grad_out = grad_out.to(x.dtype)
+        matrices = circuit.matrices(flat_gates)
+        frozen = None if frozen_gates is None else circuit.matrices(frozen_gates)
+        same = None if frozen_gates is None else (flat_gates == frozen_gates).all()
         need_x, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x_parts, grad_gates = [], None
-        chunk = _backward_chunk(x.shape[0], len(gates))
-        for x_part, grad_part in zip(x.split(chunk), grad_out.split(chunk)):
-            states = circuit.forward_states(x_part, gates, keep=True)[1] if need_gates else None
-            grad_in, part_grads = circuit.backward_chain(grad_part, gates, states)
+        grad_gates = None
+        grad_x = x.new_empty(x.shape) if need_x else None
+        chunk = _backward_chunk(x.shape[0], len(matrices)) if need_gates else x.shape[0]
+        for start in range(0, x.shape[0], chunk):
+            x_part, grad_part = x[start: start + chunk], circuit.to_end_layout(grad_out[start: start + chunk])
+            inputs = circuit.chain(x_part, matrices, keep=True)[1] if need_gates else None
+            grad_in, part_grads = circuit.chain_backward(grad_part, matrices, inputs)
             if need_gates:
                 flat = torch.cat(part_grads)
                 grad_gates = flat if grad_gates is None else grad_gates + flat
             if need_x:
                 if frozen is not None:
-                    grad_in = grad_in - circuit.backward_chain(grad_part, frozen, None)[0]
-                grad_x_parts.append(grad_in)
-        grad_x = torch.cat(grad_x_parts) if need_x else None
+                    grad_in = _unless_equal(grad_in, circuit.chain_backward(grad_part, frozen, None)[0], same)
+                # (in_size, t) → rows of (T, in_size) by a blocked 2-D transpose copy: autograd adds ∂x to the
+                # base layer's input gradient, and an add reading a transposed view is ~10× slower (measured)
+                grad_x[start: start + chunk].copy_(grad_in.T)
         return grad_x, grad_gates, None, None
 
 

@@ -18,7 +18,7 @@ class QuantaLayer(HirankLayer):
 
     The base weight is never edited in place (the official code folds −M(θ₀) into W₀). θ₀ is a
     persistent buffer saved with the adapter, so save/load is exact. Per forward the layer picks, by the
-    circuit's written cost model (``QuantaCircuit.prefer_dense``: multiply-adds and copies for this many
+    circuit's written cost model (``QuantaCircuit.prefer_dense``: GEMM-equivalent multiply-adds for this many
     tokens), either the structured difference circuit on the activations or one matmul with a dense
     ΔW = M(θ) − M(θ₀) built for the step. Both are exactly 0 while θ = θ₀.
     """
