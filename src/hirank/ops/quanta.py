@@ -333,9 +333,9 @@ class _CircuitFunction(torch.autograd.Function):
     """M(θ)x, or M(θ)x − M(θ₀)x, saving only x: backward recomputes each chunk's gate inputs (spec §1.4).
 
     One step costs six passes through the circuit (forward θ and θ₀; backward: recomputed θ inputs, the θ
-    chain, the gate gradients, the θ₀ chain) and three copies of the state: the forward's output and the
-    backward's incoming gradient are permuted once for both branches, and the input gradient is transposed
-    once (``QuantaCircuit.structured_cost``)."""
+    chain, the gate gradients, the θ₀ chain) and five copies of the state: one relayout (two copies) of the
+    forward's output and one of the backward's incoming gradient, each shared by both branches, and one
+    transpose of ∂x (``QuantaCircuit.structured_cost``)."""
 
     @staticmethod
     def forward(x: torch.Tensor, flat_gates: torch.Tensor, frozen_gates: torch.Tensor | None,
