@@ -269,3 +269,38 @@ def test_dense_builds_pass_gradcheck():
     assert torch.autograd.gradcheck(lambda t: structured.toeplitz_dense(t, 5, 7), _randn(11, seed=53).requires_grad_())
     g, h = _randn(2, 7, seed=54).requires_grad_(), _randn(2, 7, seed=55).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: structured.ldr_dense(a, b, 6, 7), (g, h))
+
+
+# ---- transforms per row: the cost model's counts are the code's (issue 12) ---------------------------------
+class _RowTransformCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts FFT calls on tensors with ``rows`` rows (the token rows; the generators' transforms are free)."""
+
+    FFTS = {torch.ops.aten._fft_r2c.default, torch.ops.aten._fft_c2r.default, torch.ops.aten._fft_c2c.default}
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.rows, self.count = rows, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.FFTS and args[0].dim() == 2 and args[0].shape[0] == self.rows:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("structure, rank", [("circulant", 1), ("toeplitz", 1), ("ldr", 1), ("ldr", 3)])
+def test_a_training_step_does_the_transforms_the_cost_model_counts(structure, rank):
+    """Circulant: 4 (x's spectrum is saved, not recomputed); LDR: 4 + 6r (x's skew spectrum saved: the old code
+    did 5 + 6r); forward alone 2 or 2 + 2r."""
+    rows, size = 10, 16
+    x = _randn(rows, size, seed=60).requires_grad_()
+    generators = {"circulant": (_randn(size, seed=61),), "toeplitz": (_randn(2 * size - 1, seed=62),),
+                  "ldr": (_randn(rank, size, seed=63), _randn(rank, size, seed=64))}[structure]
+    generators = tuple(g.requires_grad_() for g in generators)
+    product = {"circulant": structured.circulant_matvec, "toeplitz": structured.toeplitz_matvec,
+               "ldr": structured.ldr_matvec}[structure]
+    with _RowTransformCounter(rows) as forward:
+        y = product(*generators, x, size)
+    with _RowTransformCounter(rows) as backward:
+        y.square().sum().backward()
+    assert forward.count == structured.transforms_per_row(structure, rank, training=False)
+    assert forward.count + backward.count == structured.transforms_per_row(structure, rank, training=True)

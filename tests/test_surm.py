@@ -193,10 +193,34 @@ def test_adapter_placement_without_default_targets_asks_for_target_modules():
 def test_cost_model_prefers_the_dense_s_only_when_tokens_pay_for_it():
     assert structured.fast_product_is_cheaper("ldr", 512, 4096, 4096, displacement_rank=1)
     assert not structured.fast_product_is_cheaper("ldr", 8192, 64, 64, displacement_rank=8)  # tokens ≫ d
+    assert structured.fast_product_is_cheaper("ldr", 1, 64, 64, displacement_rank=8)  # the build is not paid back
     assert structured.fast_product_is_cheaper("circulant", 1024, 1024, 1024)
     assert structured.fast_product_is_cheaper("kronecker", 10 ** 6, 64, 64)  # never materialized
-    assert structured.fast_product_is_cheaper("ldr", 100, 64, 64, displacement_rank=8)  # S would outweigh x
-    assert not structured.fast_product_is_cheaper("ldr", 100, 64, 64, displacement_rank=8, training=False)
+
+
+def _saved_bytes(run) -> int:
+    """Bytes autograd saves for backward while ``run()`` builds its graph (unique storages)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("structure", ["circulant", "toeplitz", "ldr"])
+def test_dense_path_saves_no_more_than_the_fast_path(structure, monkeypatch):
+    """The dense path rebuilds S in backward instead of saving it (S is 64 × 64, as big as the 64 tokens' x)."""
+    model = _single(64, 64, structure=structure, displacement_rank=2, init_weights=False)
+    x = torch.randn(64, 64, requires_grad=True)
+    saved = {}
+    for fast in (True, False):
+        monkeypatch.setattr(structured, "fast_product_is_cheaper", lambda *args, fast=fast, **kwargs: fast)
+        saved[fast] = _saved_bytes(lambda: model(x))
+    assert saved[False] <= saved[True] + 4096, saved  # + the generators (Toeplitz saves t, LDR G and H)
 
 
 @pytest.mark.parametrize("structure", ["circulant", "toeplitz", "ldr"])

@@ -23,7 +23,7 @@ sample ever shares an FFT with another one (a NaN or a huge value stays in its o
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -75,27 +75,32 @@ def _spectral_row_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _CirculantProduct(torch.autograd.Function):
-    """Circ(c)[:m, :n]·x = irfft(rfft(c) ⊙ rfft(x))[:m]; saves x and c only."""
+    """Circ(c)[:m, :n]·x = irfft(rfft(c) ⊙ rfft(x))[:m] (spec §3.2a).
+
+    Saves c and, when c needs a gradient, the spectrum rfft(x) (N/2 + 1 complex numbers per row: x's size)
+    instead of x, so backward needs two transforms (rfft of the gradient, irfft of the input gradient), not three.
+    """
 
     @staticmethod
     def forward(ctx: Any, c: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
         size, dtype = c.shape[-1], _compute_dtype(c, x)
-        product = torch.fft.irfft(torch.fft.rfft(c.to(dtype)) * torch.fft.rfft(_rows(x, size, dtype)), n=size)
-        ctx.save_for_backward(c, x)
+        x_spectrum = torch.fft.rfft(_rows(x, size, dtype))  # (T, N/2+1)
+        product = torch.fft.irfft(torch.fft.rfft(c.to(dtype)) * x_spectrum, n=size)
+        ctx.save_for_backward(c, x_spectrum if ctx.needs_input_grad[0] else None)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return product[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        c, x = ctx.saved_tensors
-        size, dtype = c.shape[-1], _compute_dtype(c, x)
+        c, x_spectrum = ctx.saved_tensors
+        size, dtype = c.shape[-1], _compute_dtype(c, grad_y)
         grad_spectrum = torch.fft.rfft(_rows(grad_y, size, dtype))  # (T, N/2+1), grad_y zero-padded to N
         grad_c = grad_x = None
         if ctx.needs_input_grad[1]:  # Circ(c)ᵀ = the circulant with the conjugate spectrum
             grad_rows = torch.fft.irfft(torch.fft.rfft(c.to(dtype)).conj() * grad_spectrum, n=size)
-            grad_x = grad_rows[:, :x.shape[-1]].reshape(x.shape).to(x.dtype)
+            grad_x = grad_rows[:, :ctx.x_shape[-1]].reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[0]:  # Circ(c)·x = Circ(x)·c: Σ_t Circ(x_t)ᵀ·grad_t, summed in frequency
-            x_spectrum = torch.fft.rfft(_rows(x, size, dtype))
             grad_c = torch.fft.irfft(_spectral_row_sum(x_spectrum, grad_spectrum), n=size).to(c.dtype)
         return grad_c, grad_x, None
 
@@ -294,10 +299,12 @@ def choose_kronecker_factor(in_features: int, out_features: int) -> int:
 
 
 class _LdrProduct(torch.autograd.Function):
-    """W(G, H)[:m, :n]·x = Σ_k Circ(g_k)·SkewCirc(h_k)·x; saves G, H, x only.
+    """W(G, H)[:m, :n]·x = Σ_k Circ(g_k)·SkewCirc(h_k)·x (spec §3.2d).
 
     The skew spectrum of x is shared by the r terms and the r circulant spectra are summed before one inverse
-    rfft: per row 2 + 2r transforms of size N (or N/2 complex) forward, 3 + 4r backward (recomputing x's).
+    rfft. Saves G, H and, when G or H needs a gradient, x's skew spectrum (N real numbers per row: x's size)
+    instead of x. Per row: 2 + 2r transforms forward, 2 + 4r backward (the r terms' circulant spectra are
+    recomputed for G's gradient rather than saved: that would cost r times x's memory).
     """
 
     @staticmethod
@@ -308,23 +315,23 @@ class _LdrProduct(torch.autograd.Function):
         total = torch.zeros(x_skew.shape[0], size // 2 + 1, dtype=g_spectrum.dtype, device=x.device)
         for h_k, g_k in zip(h_skew, g_spectrum):  # one term at a time: temporaries stay (T, N)
             total += torch.fft.rfft(skew_inverse(x_skew * h_k, size)) * g_k  # spectrum of Circ(g_k)·SkewCirc(h_k)·x
-        ctx.save_for_backward(g, h, x)
-        ctx.out_features = out_features
+        ctx.save_for_backward(g, h, x_skew if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         product = torch.fft.irfft(total, n=size)[:, :out_features]
         return product.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        g, h, x = ctx.saved_tensors
-        size, dtype = g.shape[-1], _compute_dtype(g, h, x)
+        g, h, x_skew = ctx.saved_tensors
+        size, dtype = g.shape[-1], _compute_dtype(g, h, grad_y)
         need_g, need_h, need_x = ctx.needs_input_grad[:3]
         grad_spectrum = torch.fft.rfft(_rows(grad_y, size, dtype))  # (T, N/2+1)
-        x_skew = skew_spectrum(_rows(x, size, dtype))  # recomputed, (T, M)
         h_skew, g_spectrum = skew_spectrum(h.to(dtype)), torch.fft.rfft(g.to(dtype))
         grad_g = torch.zeros_like(g, dtype=dtype) if need_g else None
         grad_h = torch.zeros_like(h, dtype=dtype) if need_h else None
-        grad_x_skew = torch.zeros_like(x_skew) if need_x else None
+        grad_x_skew = torch.zeros(grad_spectrum.shape[0], h_skew.shape[-1], dtype=h_skew.dtype,
+                                  device=grad_y.device) if need_x else None
         for k, (h_k, g_k) in enumerate(zip(h_skew, g_spectrum)):
             if need_h or need_x:  # the transposes: conjugate spectra, Circ(g_k)ᵀ·grad then SkewCirc(h_k)ᵀ
                 back_skew = skew_spectrum(torch.fft.irfft(g_k.conj() * grad_spectrum, n=size))  # (T, M)
@@ -337,7 +344,7 @@ class _LdrProduct(torch.autograd.Function):
                 grad_g[k] = torch.fft.irfft(_spectral_row_sum(term, grad_spectrum), n=size)
         grad_x = None
         if need_x:
-            grad_x = skew_inverse(grad_x_skew, size)[:, :x.shape[-1]].reshape(x.shape).to(x.dtype)
+            grad_x = skew_inverse(grad_x_skew, size)[:, :ctx.x_shape[-1]].reshape(ctx.x_shape).to(ctx.x_dtype)
         return (grad_g.to(g.dtype) if need_g else None, grad_h.to(h.dtype) if need_h else None, grad_x, None)
 
 
@@ -345,9 +352,11 @@ def ldr_matvec(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_features: 
     """W(G, H)[:m, :n] · x with W = Σ_i Circ(g_i)·SkewCirc(h_i).  G, H: (r, N), x: (..., n ≤ N) → (..., m ≤ N).
 
     Cost O(r·N log N) per row; each row is transformed on its own (real FFTs, or half-size complex FFTs of
-    the row folded onto itself), so rows never mix. The r terms differ between the skew and the circulant
-    diagonalizations, so each needs its own inverse/forward pair: a training step costs 5 + 6r transforms per
-    row (53 at r = 8, against LoRA's 2·d² base multiply-adds per row: ≈ 3× LoRA's step at d = 1024 on CPU).
+    the row folded onto itself), so rows never mix. The transform of x is shared by the r terms and the terms
+    are summed in the circulant's frequency domain, but each term's skew-circulant product must leave the skew
+    diagonalization and enter the circulant one (an inverse/forward pair: the two diagonalizations differ by a
+    dense N × N map), so a training step costs 4 + 6r transforms per row (forward 2 + 2r; backward 2r for the
+    transposed products, 2r to recompute each term for G's gradient, 2 for the gradient itself).
     """
     return _LdrProduct.apply(g, h, x, out_features)
 
@@ -379,44 +388,93 @@ def ldr_dense(g: torch.Tensor, h: torch.Tensor, out_features: int, in_features: 
     return dense_t.T[:out_features, :in_features]
 
 
+# ---- the dense path: S built once per step --------------------------------------------------------------
+
+
+class _DenseProduct(torch.autograd.Function):
+    """S·x with S = build(*generators) built once per call and applied by one matmul; saves x and the generators
+    (not S: backward rebuilds it, O(m·n) copies, so the dense path keeps the fast path's activation memory)."""
+
+    @staticmethod
+    def forward(ctx: Any, build: Callable[..., torch.Tensor], x: torch.Tensor,
+                *generators: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x, *generators)
+        with torch.no_grad():
+            matrix = build(*(generator.to(dtype) for generator in generators))  # (m, n)
+        ctx.build, ctx.x_shape, ctx.x_dtype = build, x.shape, x.dtype
+        ctx.save_for_backward(x if any(ctx.needs_input_grad[2:]) else None, *generators)
+        return (x.to(dtype) @ matrix.T).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, *generators = ctx.saved_tensors
+        dtype = _compute_dtype(grad_y, *generators)
+        needs = ctx.needs_input_grad[2:]
+        with torch.enable_grad():
+            leaves = [generator.detach().to(dtype).requires_grad_(need) for generator, need in zip(generators, needs)]
+            matrix = ctx.build(*leaves)  # (m, n)
+        grad = grad_y.to(dtype).reshape(-1, matrix.shape[0])  # (T, m)
+        grad_x = (grad @ matrix.detach()).reshape(ctx.x_shape).to(ctx.x_dtype) if ctx.needs_input_grad[1] else None
+        grad_generators: list[torch.Tensor | None] = [None] * len(generators)
+        if any(needs):
+            grad_matrix = grad.T @ x.to(dtype).reshape(-1, matrix.shape[1])  # Σ_t grad_t·x_tᵀ, (m, n)
+            wanted = [leaf for leaf, need in zip(leaves, needs) if need]
+            found = iter(torch.autograd.grad(matrix, wanted, grad_matrix))
+            grad_generators = [next(found).to(generator.dtype) if need else None
+                               for generator, need in zip(generators, needs)]
+        return (None, grad_x, *grad_generators)
+
+
+def dense_product(build: Callable[..., torch.Tensor], x: torch.Tensor, *generators: torch.Tensor) -> torch.Tensor:
+    """S·x on the last axis with S = build(*generators) (m, n) built densely, for the layers where the cost model
+    below prefers it.  x: (..., n) → (..., m); same values and gradients as the fast products."""
+    return _DenseProduct.apply(build, x, *generators)
+
+
 # ---- fast product or dense S: the cost model (issue 12) ------------------------------------------------
 #
-# Per step, the fast product costs its transforms on every token row; the dense path builds S once (m × n)
-# and pays matmuls: x·Sᵀ forward, and in training grad·S (input) and gradᵀ·x (for S) backward. Constants
-# measured on the development CPU, one thread, float32, N = 384…4096 (benchmarks/surm.py prints the effect):
-MATMUL_SECONDS_PER_MAC = 4e-11  # large float32 GEMM
-FFT_SECONDS_PER_POINT = 2.5e-10  # one row's real FFT of size L costs this × L·log2(L) (rfft, irfft, skew ≈ same)
-#: the complex multiplies, folds and pads around the transforms: the fast products measured about 2.5× the
-#: time of their FFT calls alone (torch.profiler, LDR r=8 at d = 1024)
-FFT_ELEMENTWISE_FACTOR = 2.5
-#: forward + backward of the dense builds per entry of S (strided copies; LDR adds a rank-r GEMM and a cumsum)
-BUILD_SECONDS_PER_ENTRY = {"circulant": 1e-8, "toeplitz": 1e-8, "ldr": 2e-8}
-LDR_BUILD_SECONDS_PER_ENTRY_AND_RANK = 5e-9
+# Both paths cost time linear in the tokens T of a step; only the dense path adds a cost per step that does not
+# grow with T (building S). Per token row, training (forward + backward):
+#   fast:  transforms(structure, r) × L·log₂L × FFT_SECONDS_PER_POINT × FFT_ELEMENTWISE_FACTOR
+#          (L: transform length, N = max(m, n), or Toeplitz's circulant embedding ≥ m + n − 1);
+#   dense: 3·m·n × MATMUL_SECONDS_PER_MAC (x·Sᵀ forward, grad·S and gradᵀ·x backward),
+# plus, once per step, m·n × BUILD_SECONDS_PER_ENTRY (build S forward, rebuild it and run its backward).
+# Inference: 2 + 2r or 2 transforms against one matmul and one build. So the dense path wins only where
+# N / log₂N < (transforms / 3)·(FFT point cost / MAC cost) and the tokens amortize the build: at these
+# constants, never for circulant or Toeplitz at N ≥ 64, and for LDR r = 8 up to N ≈ 1000 once T ≥ a few N
+# (``benchmarks/surm.py --crossover`` measures it). The dense path saves x and the generators, as the fast one.
+# Constants measured on the development CPU, one thread, float32, N = 1024 and 2048 (matmul 512 × N × N,
+# rfft of 512 rows, torch.profiler of the fast products):
+MATMUL_SECONDS_PER_MAC = 4.5e-11
+FFT_SECONDS_PER_POINT = 3.1e-10  # one row's real FFT of size L costs this × L·log₂L (rfft, irfft, skew ≈ same)
+#: the complex multiplies, folds and pads around the transforms, relative to the transforms alone
+FFT_ELEMENTWISE_FACTOR = 1.5
+#: forward build + backward rebuild + the build's backward, per entry of S
+BUILD_SECONDS_PER_ENTRY = {"circulant": 1.5e-8, "toeplitz": 1.5e-8, "ldr": 8e-8}
 
 
-def _transforms_per_row(structure: str, displacement_rank: int, training: bool) -> int:
-    """FFTs per token row of the fast product: forward, plus backward (with x's recomputed) when training."""
+def transforms_per_row(structure: str, displacement_rank: int = 1, training: bool = True) -> int:
+    """FFTs per token row of the fast product: forward, plus backward when training. Circulant and Toeplitz:
+    rfft x, irfft; rfft grad, irfft grad x (+ rfft x recomputed for Toeplitz, which saves x, not its 2N-long
+    spectrum). LDR: see :func:`ldr_matvec`."""
     if structure == "ldr":
-        return 5 + 6 * displacement_rank if training else 2 + 2 * displacement_rank
-    return 5 if training else 2  # circulant and Toeplitz: rfft x, irfft; rfft grad, irfft grad x, rfft x
+        return 4 + 6 * displacement_rank if training else 2 + 2 * displacement_rank
+    if structure == "toeplitz":
+        return 5 if training else 2
+    return 4 if training else 2
 
 
 def fast_product_is_cheaper(structure: str, tokens: int, rows: int, cols: int, displacement_rank: int = 1,
                             training: bool = True) -> bool:
     """Whether S·x by its fast product beats building S (rows × cols) once and multiplying densely, for
-    ``tokens`` rows of x (forward, plus backward when ``training``). Kronecker's product is always cheaper.
-
-    Memory first: the dense path saves S for backward, so in training it is taken only where S is at most half
-    the size of the input it multiplies (tokens ≥ 2·rows), which keeps activation memory within 1.3× LoRA's.
-    """
-    if structure == "kronecker" or (training and tokens < 2 * rows):
+    ``tokens`` rows of x (forward, plus backward when ``training``), by the cost model above. Kronecker's
+    product (two small GEMMs) is always cheaper."""
+    if structure == "kronecker":
         return True
     length = fast_fft_length(rows + cols - 1) if structure == "toeplitz" else max(rows, cols)
-    transforms = _transforms_per_row(structure, displacement_rank, training)
+    transforms = transforms_per_row(structure, displacement_rank, training)
     fast = tokens * transforms * length * math.log2(max(length, 2)) * FFT_SECONDS_PER_POINT * FFT_ELEMENTWISE_FACTOR
-    build_per_entry = BUILD_SECONDS_PER_ENTRY[structure]
-    if structure == "ldr":
-        build_per_entry += LDR_BUILD_SECONDS_PER_ENTRY_AND_RANK * displacement_rank
-    build = rows * cols * build_per_entry * (1 if training else 1 / 3)  # forward ≈ a third of forward + backward
+    build = rows * cols * BUILD_SECONDS_PER_ENTRY[structure] * (1 if training else 1 / 3)  # forward ≈ a third
     dense = tokens * rows * cols * (3 if training else 1) * MATMUL_SECONDS_PER_MAC + build
     return fast <= dense
