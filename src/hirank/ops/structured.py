@@ -363,12 +363,11 @@ def ldr_matvec(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_features: 
 
 def _skewed_rows(matrix: torch.Tensor, shift: int) -> torch.Tensor:
     """(N, N) → (N, N) with out[j, δ] = matrix[j, (δ + shift·j + offset) mod N] for shift = ±1 and offset = 1 (+1)
-    or N (−1), by reading [matrix, matrix] flat with a row stride of 2N ± 1 (copies only, a cheap backward)."""
+    or 0 (−1): a strided view of [matrix, matrix] with a row stride of 2N ± 1 (one copy, a cheap backward)."""
     size = matrix.shape[0]
-    flat = torch.cat([matrix, matrix], dim=1).reshape(-1)  # (2N²,): [j, a] at 2N·j + a
-    width, start = (2 * size + 1, 1) if shift == 1 else (2 * size - 1, size)
-    flat = torch.nn.functional.pad(flat, (0, start + size * width - flat.shape[0]))
-    return flat[start: start + size * width].reshape(size, width)[:, :size]
+    doubled = torch.cat([matrix, matrix], dim=1)  # (N, 2N): [j, a] at 2N·j + a, a = (δ + shift·j + offset) mod N
+    stride, start = (2 * size + 1, 1) if shift == 1 else (2 * size - 1, size)
+    return doubled.as_strided((size, size), (stride, 1), doubled.storage_offset() + start)
 
 
 def ldr_dense(g: torch.Tensor, h: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -376,14 +375,15 @@ def ldr_dense(g: torch.Tensor, h: torch.Tensor, out_features: int, in_features: 
 
     Z₁W − WZ₋₁ = 2·V with V = Σ_k g_k·(last row of SkewCirc(h_k))ᵀ = Gᵀ·flip(H) (spec §3.2d): column j+1 of W
     is column j shifted cyclically down minus 2·V[:, j]. Unrolled, with w₀ = Σ_k g_k ⊛ h_k the first column:
-    W[i, j] = w₀[(i−j) mod N] − 2·Σ_{l<j} V[(i−j+1+l) mod N, l].
+    W[i, j] = w₀[(i−j) mod N] − 2·Σ_{l<j} V[(i−j+1+l) mod N, l], a cumulative sum along j for each diagonal
+    δ = (i−j) mod N (taken along rows: 7× faster than down columns on CPU).
     """
     size = g.shape[-1]
     first_column = torch.fft.irfft((torch.fft.rfft(g) * torch.fft.rfft(h)).sum(0), n=size)  # w₀, (N,)
-    coupling_t = h.flip(-1).T @ g  # Vᵀ: [l, a] = V[a, l]
-    diagonals = _skewed_rows(coupling_t, 1).T.contiguous()  # [δ, l] = V[(δ + 1 + l) mod N, l]
-    sums = torch.cumsum(diagonals, dim=1) - diagonals  # [δ, j] = Σ_{l<j} …; cumsum along rows: 4× faster
-    by_diagonal = (first_column[:, None] - 2 * sums).T.contiguous()  # [j, δ]: W[(δ + j) mod N, j]
+    coupling_t = h.flip(-1).T @ (-2 * g)  # −2·Vᵀ: [l, a] = −2·V[a, l]
+    skewed = _skewed_rows(coupling_t, 1)  # [l, δ] = −2·V[(δ + 1 + l) mod N, l]
+    terms = torch.cat([first_column[:, None], skewed[:-1].T], dim=1)  # [δ, j]: w₀[δ], then the term of l = j − 1
+    by_diagonal = torch.cumsum(terms, dim=1).T.contiguous()  # [j, δ]: W[(δ + j) mod N, j]
     dense_t = _skewed_rows(by_diagonal, -1)  # [j, i] = by_diagonal[j, (i − j) mod N] = W[i, j]
     return dense_t.T[:out_features, :in_features]
 
@@ -451,7 +451,7 @@ FFT_SECONDS_PER_POINT = 3.1e-10  # one row's real FFT of size L costs this × L�
 #: the complex multiplies, folds and pads around the transforms, relative to the transforms alone
 FFT_ELEMENTWISE_FACTOR = 1.5
 #: forward build + backward rebuild + the build's backward, per entry of S
-BUILD_SECONDS_PER_ENTRY = {"circulant": 1.5e-8, "toeplitz": 1.5e-8, "ldr": 8e-8}
+BUILD_SECONDS_PER_ENTRY = {"circulant": 2e-8, "toeplitz": 2e-8, "ldr": 6e-8}
 
 
 def transforms_per_row(structure: str, displacement_rank: int = 1, training: bool = True) -> int:
