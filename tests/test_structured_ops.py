@@ -185,19 +185,6 @@ def test_kronecker_factor_choices_and_auto_choice():
         assert structured.kronecker_rank_bound(n, m, structured.choose_kronecker_factor(n, m)) == best
 
 
-def test_fast_fft_length_is_the_smallest_5_smooth_size():
-    def smooth(k: int) -> bool:
-        for p in (2, 3, 5):
-            while k % p == 0:
-                k //= p
-        return k == 1
-
-    for n in range(1, 400):
-        length = structured.fast_fft_length(n)
-        assert length >= n and smooth(length)
-        assert not any(smooth(k) for k in range(n, length)), n
-
-
 # ---- batch independence (issue 11.3) ------------------------------------------------------------------
 def _products(size: int) -> dict[str, object]:
     c, t = _randn(size, seed=30), _randn(2 * size - 1, seed=31)

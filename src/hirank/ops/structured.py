@@ -5,7 +5,7 @@ materialization (for merging, for the dense path of :func:`fast_product_is_cheap
 
 * circulant ``Circ(c)``: ``Circ(c)[i, j] = c[(i - j) mod N]`` (first column c), product by rfft (§3.2a);
 * Toeplitz ``Toep(t)`` (m × n, m+n−1 diagonals): ``Toep(t)[i, j] = t[i - j + n - 1]``, product by FFT
-  after embedding in a circulant (§3.2b, general rectangular form of §3.3);
+  as a circulant plus a skew-circulant of size max(m, n) (§3.2b, general rectangular form of §3.3);
 * Kronecker ``B ⊗ A``, applied as ``B · X · Aᵀ`` on the reshaped input, never materialized (§3.2c);
 * low displacement rank ``W(G, H) = Σ_{i<r} Circ(g_i) · SkewCirc(h_i)`` (§3.2d), with the skew-circulant
   diagonalized by ``η = exp(iπ/N)``, so that ``ηᴺ = −1`` exactly (the reference code's root is wrong).
@@ -14,10 +14,18 @@ Rectangular m × n (choice, spec §3.3): circulant and LDR are *truncated*: the 
 N = max(m, n) acting on x zero-padded to N, keeping the first m outputs, i.e. ``S[:m, :n]``.
 FFTs run in float32 (float64 stays float64) whatever the activation dtype; the result has that dtype.
 
-Every fast product is a custom autograd Function that saves only its input x and the small generators and
-recomputes the transforms of x in backward (the backward of a circulant product is the circulant product with
-the conjugate spectrum), so its activation memory is LoRA's. Every row of x is transformed on its own: no
-sample ever shares an FFT with another one (a NaN or a huge value stays in its own sample).
+Every fast product is a custom autograd Function that saves the small generators and one tensor of x's size:
+the circulant its spectrum rfft(x), LDR its skew spectrum (both N real numbers per row, so backward does not
+transform x again), Toeplitz x itself (it needs two spectra of x); the backward of a circulant product is the
+circulant product with the conjugate spectrum. So the activation memory is LoRA's. Every row of x is
+transformed on its own: no sample ever shares an FFT with another one (a NaN or a huge value stays in its own
+sample).
+
+Fast product or dense S, per layer and step (:func:`fast_product_is_cheaper`, the cost model written out at the
+end of this module): both cost time linear in the tokens; the fast product ≈ (transforms per row) × N·log₂N
+FFT work, the dense path 3·m·n multiply-adds per row plus one O(m·n) build of S per step. On CPU one
+multiply-add costs about 1/7 of one FFT point·log₂N, so the dense S pays off only for LDR with many
+displacement terms on layers up to N ≈ 1000 (r = 8), never for circulant or Toeplitz at N ≥ 256.
 """
 
 from __future__ import annotations
@@ -37,22 +45,6 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     for tensor in tensors:
         dtype = torch.promote_types(dtype, tensor.dtype)
     return dtype
-
-
-def fast_fft_length(n: int) -> int:
-    """The smallest 5-smooth number (2^a·3^b·5^c) ≥ n: an FFT size without slow prime factors."""
-    best = 1 << max(n - 1, 0).bit_length()  # the next power of two
-    power5 = 1
-    while power5 < best:
-        odd = power5  # 3^b·5^c
-        while odd < best:
-            candidate = odd
-            while candidate < n:
-                candidate *= 2
-            best = min(best, candidate)
-            odd *= 3
-        power5 *= 5
-    return best
 
 
 def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -173,52 +165,63 @@ def skew_circulant_matvec(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 # ---- Toeplitz -------------------------------------------------------------------------------------
 
 
-class _ToeplitzProduct(torch.autograd.Function):
-    """Toep(t)·x as entries n−1 … n+m−2 of the cyclic convolution (length L ≥ m+n−1) of t and x; saves t, x."""
+class _CirculantPlusSkewProduct(torch.autograd.Function):
+    """(Circ(c) + SkewCirc(s))[:m, :n]·x with two size-N diagonalizations of x; saves c, s and x.
+
+    Per row 4 transforms forward (rfft and skew spectrum of x, their inverses), 6 backward (the same of the
+    gradient, and x's two spectra recomputed): each about a third of a length-2N rfft's time.
+    """
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
-        in_features, dtype = x.shape[-1], _compute_dtype(t, x)
-        length = fast_fft_length(out_features + in_features - 1)
-        # explicit zero-padding: rfft(x, n=length) was measured slower in backward
-        spectrum = torch.fft.rfft(t.to(dtype), n=length) * torch.fft.rfft(_rows(x, length, dtype))
-        full = torch.fft.irfft(spectrum, n=length)  # (T, L)
-        ctx.save_for_backward(t, x)
-        ctx.out_features = out_features
-        product = full[:, in_features - 1: in_features - 1 + out_features]
-        return product.reshape(*x.shape[:-1], out_features).to(x.dtype)
+    def forward(ctx: Any, c: torch.Tensor, s: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        size, dtype = c.shape[-1], _compute_dtype(c, s, x)
+        rows = _rows(x, size, dtype)  # (T, N)
+        product = (torch.fft.irfft(torch.fft.rfft(c.to(dtype)) * torch.fft.rfft(rows), n=size)
+                   + skew_inverse(skew_spectrum(s.to(dtype)) * skew_spectrum(rows), size))
+        ctx.save_for_backward(c, s, x if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return product[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        t, x = ctx.saved_tensors
-        in_features, out_features, dtype = x.shape[-1], ctx.out_features, _compute_dtype(t, x)
-        length = fast_fft_length(out_features + in_features - 1)
-        placed = torch.nn.functional.pad(grad_y.to(dtype).reshape(-1, out_features),
-                                         (in_features - 1, length - in_features + 1 - out_features))
-        grad_spectrum = torch.fft.rfft(placed)  # the gradient of the full cyclic convolution, (T, L/2+1)
-        grad_t = grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_rows = torch.fft.irfft(torch.fft.rfft(t.to(dtype), n=length).conj() * grad_spectrum, n=length)
-            grad_x = grad_rows[:, :in_features].reshape(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[0]:
-            x_spectrum = torch.fft.rfft(_rows(x, length, dtype))
-            grad_full = torch.fft.irfft(_spectral_row_sum(x_spectrum, grad_spectrum), n=length)
-            grad_t = grad_full[: t.shape[-1]].to(t.dtype)
-        return grad_t, grad_x, None
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        c, s, x = ctx.saved_tensors
+        size, dtype = c.shape[-1], _compute_dtype(c, s, grad_y)
+        need_c, need_s, need_x = ctx.needs_input_grad[:3]
+        grad_rows = _rows(grad_y, size, dtype)  # (T, N), zero-padded
+        grad_spectrum, grad_skew = torch.fft.rfft(grad_rows), skew_spectrum(grad_rows)
+        grad_c = grad_s = grad_x = None
+        if need_x:  # the transposes: conjugate spectra
+            grad_x_rows = (torch.fft.irfft(torch.fft.rfft(c.to(dtype)).conj() * grad_spectrum, n=size)
+                           + skew_inverse(skew_spectrum(s.to(dtype)).conj() * grad_skew, size))
+            grad_x = grad_x_rows[:, :ctx.x_shape[-1]].reshape(ctx.x_shape).to(ctx.x_dtype)
+        if need_c or need_s:
+            rows = _rows(x, size, dtype)
+        if need_c:  # Circ(c)·x = Circ(x)·c
+            grad_c = torch.fft.irfft(_spectral_row_sum(torch.fft.rfft(rows), grad_spectrum), n=size).to(c.dtype)
+        if need_s:  # SkewCirc(s)·x = SkewCirc(x)·s
+            grad_s = skew_inverse(_spectral_row_sum(skew_spectrum(rows), grad_skew), size).to(s.dtype)
+        return grad_c, grad_s, grad_x, None
 
 
 def toeplitz_matvec(t: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
     """Toep(t) · x.  t: (m+n−1,), x: (..., n) → (..., m), m = out_features.
 
-    y[i] = Σ_j t[i − j + n − 1] x[j] is entry n−1+i of the linear convolution t ∗ x; a cyclic
-    convolution of length L ≥ m+n−1 computes those entries without wrap-around.
+    y[i] = Σ_j t[i − j + n − 1] x[j]. Toep(t) is the top-left m × n block of the N × N Toeplitz matrix (N =
+    max(m, n)) with diagonals τ_k = t[k + n − 1] (zero outside), and every N × N Toeplitz matrix is a circulant
+    plus a skew-circulant: τ_k = c_k + s_k for k ≥ 0 and τ_{k−N} = c_k − s_k, so c = (τ₊ + τ₋)/2,
+    s = (τ₊ − τ₋)/2 (the circulant-skew-circulant splitting of Toeplitz matrices, spec §3.2b and §3.2d). Four
+    size-N transforms per row instead of two of a length-2N embedding, a third of the work each.
     """
     in_features = x.shape[-1]
     if t.shape[-1] != out_features + in_features - 1:
         raise ValueError(f"a {out_features}×{in_features} Toeplitz matrix has {out_features + in_features - 1} "
                          f"diagonals, got {t.shape[-1]}")
-    return _ToeplitzProduct.apply(t, x, out_features)
+    size = max(out_features, in_features)
+    diagonals = torch.nn.functional.pad(t, (size - in_features, size - out_features))  # τ_k at k + N − 1, (2N−1,)
+    upper = diagonals[size - 1:]  # τ_k, k = 0 … N−1
+    lower = torch.nn.functional.pad(diagonals[: size - 1], (1, 0))  # τ_{k−N}, k = 0 … N−1 (τ_{−N} = 0)
+    return _CirculantPlusSkewProduct.apply((upper + lower) / 2, (upper - lower) / 2, x, out_features)
 
 
 def toeplitz_dense(t: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -436,8 +439,7 @@ def dense_product(build: Callable[..., torch.Tensor], x: torch.Tensor, *generato
 #
 # Both paths cost time linear in the tokens T of a step; only the dense path adds a cost per step that does not
 # grow with T (building S). Per token row, training (forward + backward):
-#   fast:  transforms(structure, r) × L·log₂L × FFT_SECONDS_PER_POINT × FFT_ELEMENTWISE_FACTOR
-#          (L: transform length, N = max(m, n), or Toeplitz's circulant embedding ≥ m + n − 1);
+#   fast:  transforms(structure, r) × N·log₂N × FFT_SECONDS_PER_POINT × FFT_ELEMENTWISE_FACTOR, N = max(m, n);
 #   dense: 3·m·n × MATMUL_SECONDS_PER_MAC (x·Sᵀ forward, grad·S and gradᵀ·x backward),
 # plus, once per step, m·n × BUILD_SECONDS_PER_ENTRY (build S forward, rebuild it and run its backward).
 # Inference: 2 + 2r or 2 transforms against one matmul and one build. So the dense path wins only where
@@ -447,7 +449,7 @@ def dense_product(build: Callable[..., torch.Tensor], x: torch.Tensor, *generato
 # Constants measured on the development CPU, one thread, float32, N = 1024 and 2048 (matmul 512 × N × N,
 # rfft of 512 rows, torch.profiler of the fast products):
 MATMUL_SECONDS_PER_MAC = 4.5e-11
-FFT_SECONDS_PER_POINT = 3.1e-10  # one row's real FFT of size L costs this × L·log₂L (rfft, irfft, skew ≈ same)
+FFT_SECONDS_PER_POINT = 3.1e-10  # one row's real FFT of size N costs this × N·log₂N (rfft, irfft, skew ≈ same)
 #: the complex multiplies, folds and pads around the transforms, relative to the transforms alone
 FFT_ELEMENTWISE_FACTOR = 1.5
 #: forward build + backward rebuild + the build's backward, per entry of S
@@ -455,13 +457,13 @@ BUILD_SECONDS_PER_ENTRY = {"circulant": 2e-8, "toeplitz": 2e-8, "ldr": 6e-8}
 
 
 def transforms_per_row(structure: str, displacement_rank: int = 1, training: bool = True) -> int:
-    """FFTs per token row of the fast product: forward, plus backward when training. Circulant and Toeplitz:
-    rfft x, irfft; rfft grad, irfft grad x (+ rfft x recomputed for Toeplitz, which saves x, not its 2N-long
-    spectrum). LDR: see :func:`ldr_matvec`."""
+    """FFTs per token row of the fast product (each of size N, or N/2 complex): forward, plus backward when
+    training. Circulant: rfft x, irfft; rfft grad, irfft grad x. Toeplitz: see :func:`toeplitz_matvec`. LDR:
+    see :func:`ldr_matvec`."""
     if structure == "ldr":
         return 4 + 6 * displacement_rank if training else 2 + 2 * displacement_rank
-    if structure == "toeplitz":
-        return 5 if training else 2
+    if structure == "toeplitz":  # a circulant and a skew-circulant product, x saved (its two spectra: 2× x)
+        return 10 if training else 4
     return 4 if training else 2
 
 
@@ -472,7 +474,7 @@ def fast_product_is_cheaper(structure: str, tokens: int, rows: int, cols: int, d
     product (two small GEMMs) is always cheaper."""
     if structure == "kronecker":
         return True
-    length = fast_fft_length(rows + cols - 1) if structure == "toeplitz" else max(rows, cols)
+    length = max(rows, cols)
     transforms = transforms_per_row(structure, displacement_rank, training)
     fast = tokens * transforms * length * math.log2(max(length, 2)) * FFT_SECONDS_PER_POINT * FFT_ELEMENTWISE_FACTOR
     build = rows * cols * BUILD_SECONDS_PER_ENTRY[structure] * (1 if training else 1 / 3)  # forward ≈ a third
