@@ -89,11 +89,11 @@ class _CirculantProduct(torch.autograd.Function):
         size, dtype = c.shape[-1], _compute_dtype(c, grad_y)
         grad_spectrum = torch.fft.rfft(_rows(grad_y, size, dtype))  # (T, N/2+1), grad_y zero-padded to N
         grad_c = grad_x = None
-        if ctx.needs_input_grad[1]:  # Circ(c)ᵀ = the circulant with the conjugate spectrum
-            grad_rows = torch.fft.irfft(torch.fft.rfft(c.to(dtype)).conj() * grad_spectrum, n=size)
-            grad_x = grad_rows[:, :ctx.x_shape[-1]].reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[0]:  # Circ(c)·x = Circ(x)·c: Σ_t Circ(x_t)ᵀ·grad_t, summed in frequency
             grad_c = torch.fft.irfft(_spectral_row_sum(x_spectrum, grad_spectrum), n=size).to(c.dtype)
+        if ctx.needs_input_grad[1]:  # Circ(c)ᵀ = the circulant with the conjugate spectrum (in place: last use)
+            grad_rows = torch.fft.irfft(grad_spectrum.mul_(torch.fft.rfft(c.to(dtype)).conj()), n=size)
+            grad_x = grad_rows[:, :ctx.x_shape[-1]].reshape(ctx.x_shape).to(ctx.x_dtype)
         return grad_c, grad_x, None
 
 
@@ -136,12 +136,12 @@ def skew_spectrum(v: torch.Tensor) -> torch.Tensor:
         folded = torch.complex(v[..., : size // 2], v[..., size // 2:])
     else:
         folded = torch.complex(v, torch.zeros_like(v))
-    return torch.fft.fft(folded * _skew_twist(size, v.dtype, v.device))
+    return torch.fft.fft(folded.mul_(_skew_twist(size, v.dtype, v.device)))  # in place: one 2N-long buffer fewer
 
 
 def skew_inverse(spectrum: torch.Tensor, size: int) -> torch.Tensor:
     """Inverse of :func:`skew_spectrum` (for a product of two spectra of real vectors): (..., M) → (..., N) real."""
-    unfolded = torch.fft.ifft(spectrum) * _skew_twist(size, spectrum.real.dtype, spectrum.device).conj()
+    unfolded = torch.fft.ifft(spectrum).mul_(_skew_twist(size, spectrum.real.dtype, spectrum.device).conj())
     return torch.cat([unfolded.real, unfolded.imag], dim=-1) if size % 2 == 0 else unfolded.real
 
 
@@ -176,8 +176,8 @@ class _CirculantPlusSkewProduct(torch.autograd.Function):
     def forward(ctx: Any, c: torch.Tensor, s: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
         size, dtype = c.shape[-1], _compute_dtype(c, s, x)
         rows = _rows(x, size, dtype)  # (T, N)
-        product = (torch.fft.irfft(torch.fft.rfft(c.to(dtype)) * torch.fft.rfft(rows), n=size)
-                   + skew_inverse(skew_spectrum(s.to(dtype)) * skew_spectrum(rows), size))
+        product = torch.fft.irfft(torch.fft.rfft(rows).mul_(torch.fft.rfft(c.to(dtype))), n=size)
+        product += skew_inverse(skew_spectrum(rows).mul_(skew_spectrum(s.to(dtype))), size)
         ctx.save_for_backward(c, s, x if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return product[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype)
@@ -191,16 +191,16 @@ class _CirculantPlusSkewProduct(torch.autograd.Function):
         grad_rows = _rows(grad_y, size, dtype)  # (T, N), zero-padded
         grad_spectrum, grad_skew = torch.fft.rfft(grad_rows), skew_spectrum(grad_rows)
         grad_c = grad_s = grad_x = None
-        if need_x:  # the transposes: conjugate spectra
-            grad_x_rows = (torch.fft.irfft(torch.fft.rfft(c.to(dtype)).conj() * grad_spectrum, n=size)
-                           + skew_inverse(skew_spectrum(s.to(dtype)).conj() * grad_skew, size))
-            grad_x = grad_x_rows[:, :ctx.x_shape[-1]].reshape(ctx.x_shape).to(ctx.x_dtype)
         if need_c or need_s:
             rows = _rows(x, size, dtype)
         if need_c:  # Circ(c)·x = Circ(x)·c
             grad_c = torch.fft.irfft(_spectral_row_sum(torch.fft.rfft(rows), grad_spectrum), n=size).to(c.dtype)
         if need_s:  # SkewCirc(s)·x = SkewCirc(x)·s
             grad_s = skew_inverse(_spectral_row_sum(skew_spectrum(rows), grad_skew), size).to(s.dtype)
+        if need_x:  # the transposes: conjugate spectra (in place: their last use)
+            grad_x_rows = torch.fft.irfft(grad_spectrum.mul_(torch.fft.rfft(c.to(dtype)).conj()), n=size)
+            grad_x_rows += skew_inverse(grad_skew.mul_(skew_spectrum(s.to(dtype)).conj()), size)
+            grad_x = grad_x_rows[:, :ctx.x_shape[-1]].reshape(ctx.x_shape).to(ctx.x_dtype)
         return grad_c, grad_s, grad_x, None
 
 
@@ -317,7 +317,7 @@ class _LdrProduct(torch.autograd.Function):
         h_skew, g_spectrum = skew_spectrum(h.to(dtype)), torch.fft.rfft(g.to(dtype))  # (r, M), (r, N/2+1)
         total = torch.zeros(x_skew.shape[0], size // 2 + 1, dtype=g_spectrum.dtype, device=x.device)
         for h_k, g_k in zip(h_skew, g_spectrum):  # one term at a time: temporaries stay (T, N)
-            total += torch.fft.rfft(skew_inverse(x_skew * h_k, size)) * g_k  # spectrum of Circ(g_k)·SkewCirc(h_k)·x
+            total.addcmul_(torch.fft.rfft(skew_inverse(x_skew * h_k, size)), g_k)  # of Circ(g_k)·SkewCirc(h_k)·x
         ctx.save_for_backward(g, h, x_skew if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         product = torch.fft.irfft(total, n=size)[:, :out_features]
@@ -339,7 +339,7 @@ class _LdrProduct(torch.autograd.Function):
             if need_h or need_x:  # the transposes: conjugate spectra, Circ(g_k)ᵀ·grad then SkewCirc(h_k)ᵀ
                 back_skew = skew_spectrum(torch.fft.irfft(g_k.conj() * grad_spectrum, n=size))  # (T, M)
                 if need_x:
-                    grad_x_skew += h_k.conj() * back_skew
+                    grad_x_skew.addcmul_(back_skew, h_k.conj())
                 if need_h:  # SkewCirc(h)·x = SkewCirc(x)·h
                     grad_h[k] = skew_inverse(_spectral_row_sum(x_skew, back_skew), size)
             if need_g:  # Circ(g)·u = Circ(u)·g with u = SkewCirc(h_k)·x, recomputed
@@ -450,8 +450,8 @@ def dense_product(build: Callable[..., torch.Tensor], x: torch.Tensor, *generato
 # rfft of 512 rows, torch.profiler of the fast products):
 MATMUL_SECONDS_PER_MAC = 4.5e-11
 FFT_SECONDS_PER_POINT = 3.1e-10  # one row's real FFT of size N costs this × N·log₂N (rfft, irfft, skew ≈ same)
-#: the complex multiplies, folds and pads around the transforms, relative to the transforms alone
-FFT_ELEMENTWISE_FACTOR = 1.5
+#: the complex multiplies, twists, folds and pads around the transforms, relative to the transforms alone
+FFT_ELEMENTWISE_FACTOR = {"circulant": 1.3, "toeplitz": 1.5, "ldr": 2.0}
 #: forward build + backward rebuild + the build's backward, per entry of S
 BUILD_SECONDS_PER_ENTRY = {"circulant": 2e-8, "toeplitz": 2e-8, "ldr": 6e-8}
 
@@ -476,7 +476,8 @@ def fast_product_is_cheaper(structure: str, tokens: int, rows: int, cols: int, d
         return True
     length = max(rows, cols)
     transforms = transforms_per_row(structure, displacement_rank, training)
-    fast = tokens * transforms * length * math.log2(max(length, 2)) * FFT_SECONDS_PER_POINT * FFT_ELEMENTWISE_FACTOR
+    transform_seconds = length * math.log2(max(length, 2)) * FFT_SECONDS_PER_POINT * FFT_ELEMENTWISE_FACTOR[structure]
+    fast = tokens * transforms * transform_seconds
     build = rows * cols * BUILD_SECONDS_PER_ENTRY[structure] * (1 if training else 1 / 3)  # forward ≈ a third
     dense = tokens * rows * cols * (3 if training else 1) * MATMUL_SECONDS_PER_MAC + build
     return fast <= dense
