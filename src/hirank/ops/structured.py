@@ -24,8 +24,9 @@ sample).
 Fast product or dense S, per layer and step (:func:`fast_product_is_cheaper`, the cost model written out at the
 end of this module): both cost time linear in the tokens; the fast product ≈ (transforms per row) × N·log₂N
 FFT work, the dense path 3·m·n multiply-adds per row plus one O(m·n) build of S per step. On CPU one
-multiply-add costs about 1/7 of one FFT point·log₂N, so the dense S pays off only for LDR with many
-displacement terms on layers up to N ≈ 1000 (r = 8), never for circulant or Toeplitz at N ≥ 256.
+multiply-add costs about 1/7 of one FFT point·log₂N, so the dense S pays off for LDR with several displacement
+terms (r = 4 up to N ≈ 1000, r = 8 up to N ≈ 2000 once T ≥ N), for Toeplitz and LDR r = 1 only up to
+N ≈ 256, and never for the circulant.
 """
 
 from __future__ import annotations
@@ -443,9 +444,9 @@ def dense_product(build: Callable[..., torch.Tensor], x: torch.Tensor, *generato
 #   dense: 3·m·n × MATMUL_SECONDS_PER_MAC (x·Sᵀ forward, grad·S and gradᵀ·x backward),
 # plus, once per step, m·n × BUILD_SECONDS_PER_ENTRY (build S forward, rebuild it and run its backward).
 # Inference: 2 + 2r or 2 transforms against one matmul and one build. So the dense path wins only where
-# N / log₂N < (transforms / 3)·(FFT point cost / MAC cost) and the tokens amortize the build: at these
-# constants, never for circulant or Toeplitz at N ≥ 64, and for LDR r = 8 up to N ≈ 1000 once T ≥ a few N
-# (``benchmarks/surm.py --crossover`` measures it). The dense path saves x and the generators, as the fast one.
+# N / log₂N < (transforms / 3)·(FFT point cost / MAC cost)·(elementwise factor) and the tokens amortize the
+# build: at these constants LDR r = 8 up to N ≈ 2000 (T ≥ N), r = 4 up to N ≈ 1000, Toeplitz and LDR r = 1 up
+# to N ≈ 256, the circulant never (``benchmarks/surm.py --crossover`` measures both paths and the pick). The dense path saves x and the generators, as the fast one.
 # Constants measured on the development CPU, one thread, float32, N = 1024 and 2048 (matmul 512 × N × N,
 # rfft of 512 rows, torch.profiler of the fast products):
 MATMUL_SECONDS_PER_MAC = 4.5e-11
