@@ -15,7 +15,7 @@
     .venv/bin/python benchmarks/surm.py --mlp --dims 1024 2048 4096 --token-counts 512 4096 --rounds 5
 
 4. The cost model's crossover (``--crossover``): one d×d layer, forward + backward, each structure with its fast
-   product and with S built once per step (``structured.dense_product``) forced, dense ÷ fast (median of
+   product and with S built once per step forced, dense ÷ fast (median of
    interleaved rounds) beside the path ``structured.fast_product_is_cheaper`` picks.
 
     .venv/bin/python benchmarks/surm.py --crossover --dims 512 1024 2048 --token-counts 512 2048 --rounds 5

@@ -32,7 +32,7 @@ N ≈ 256, and never for the circulant.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -371,7 +371,7 @@ def _skewed_rows(matrix: torch.Tensor, shift: int) -> torch.Tensor:
     size = matrix.shape[0]
     doubled = torch.cat([matrix, matrix], dim=1)  # (N, 2N): [j, a] at 2N·j + a, a = (δ + shift·j + offset) mod N
     stride, start = (2 * size + 1, 1) if shift == 1 else (2 * size - 1, size)
-    return doubled.as_strided((size, size), (stride, 1), doubled.storage_offset() + start)
+    return torch.as_strided(doubled, (size, size), (stride, 1), start)  # doubled is fresh: storage offset 0
 
 
 def ldr_dense(g: torch.Tensor, h: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -392,69 +392,29 @@ def ldr_dense(g: torch.Tensor, h: torch.Tensor, out_features: int, in_features: 
     return dense_t.T[:out_features, :in_features]
 
 
-# ---- the dense path: S built once per step --------------------------------------------------------------
-
-
-class _DenseProduct(torch.autograd.Function):
-    """S·x with S = build(*generators) built once per call and applied by one matmul; saves x and the generators
-    (not S: backward rebuilds it, O(m·n) copies, so the dense path keeps the fast path's activation memory)."""
-
-    @staticmethod
-    def forward(ctx: Any, build: Callable[..., torch.Tensor], x: torch.Tensor,
-                *generators: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(x, *generators)
-        with torch.no_grad():
-            matrix = build(*(generator.to(dtype) for generator in generators))  # (m, n)
-        ctx.build, ctx.x_shape, ctx.x_dtype = build, x.shape, x.dtype
-        ctx.save_for_backward(x if any(ctx.needs_input_grad[2:]) else None, *generators)
-        return (x.to(dtype) @ matrix.T).to(x.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, *generators = ctx.saved_tensors
-        dtype = _compute_dtype(grad_y, *generators)
-        needs = ctx.needs_input_grad[2:]
-        with torch.enable_grad():
-            leaves = [generator.detach().to(dtype).requires_grad_(need) for generator, need in zip(generators, needs)]
-            matrix = ctx.build(*leaves)  # (m, n)
-        grad = grad_y.to(dtype).reshape(-1, matrix.shape[0])  # (T, m)
-        grad_x = (grad @ matrix.detach()).reshape(ctx.x_shape).to(ctx.x_dtype) if ctx.needs_input_grad[1] else None
-        grad_generators: list[torch.Tensor | None] = [None] * len(generators)
-        if any(needs):
-            grad_matrix = grad.T @ x.to(dtype).reshape(-1, matrix.shape[1])  # Σ_t grad_t·x_tᵀ, (m, n)
-            wanted = [leaf for leaf, need in zip(leaves, needs) if need]
-            found = iter(torch.autograd.grad(matrix, wanted, grad_matrix))
-            grad_generators = [next(found).to(generator.dtype) if need else None
-                               for generator, need in zip(generators, needs)]
-        return (None, grad_x, *grad_generators)
-
-
-def dense_product(build: Callable[..., torch.Tensor], x: torch.Tensor, *generators: torch.Tensor) -> torch.Tensor:
-    """S·x on the last axis with S = build(*generators) (m, n) built densely, for the layers where the cost model
-    below prefers it.  x: (..., n) → (..., m); same values and gradients as the fast products."""
-    return _DenseProduct.apply(build, x, *generators)
-
-
 # ---- fast product or dense S: the cost model (issue 12) ------------------------------------------------
 #
 # Both paths cost time linear in the tokens T of a step; only the dense path adds a cost per step that does not
 # grow with T (building S). Per token row, training (forward + backward):
 #   fast:  transforms(structure, r) × N·log₂N × FFT_SECONDS_PER_POINT × FFT_ELEMENTWISE_FACTOR, N = max(m, n);
 #   dense: 3·m·n × MATMUL_SECONDS_PER_MAC (x·Sᵀ forward, grad·S and gradᵀ·x backward),
-# plus, once per step, m·n × BUILD_SECONDS_PER_ENTRY (build S forward, rebuild it and run its backward).
+# plus, once per step, m·n × BUILD_SECONDS_PER_ENTRY (build S and run its backward).
 # Inference: 2 + 2r or 2 transforms against one matmul and one build. So the dense path wins only where
 # N / log₂N < (transforms / 3)·(FFT point cost / MAC cost)·(elementwise factor) and the tokens amortize the
 # build: at these constants LDR r = 8 up to N ≈ 2000 (T ≥ N), r = 4 up to N ≈ 1000, Toeplitz and LDR r = 1 up
-# to N ≈ 256, the circulant never (``benchmarks/surm.py --crossover`` measures both paths and the pick). The dense path saves x and the generators, as the fast one.
+# to N ≈ 256, the circulant never (``benchmarks/surm.py --crossover`` measures both paths and the pick).
+# Memory: the dense path saves S (m × n) beside x for backward, so in training it is taken only where S is at
+# most half the size of the input it multiplies (T ≥ 2m), which keeps activation memory within 1.3× LoRA's.
+# (Rebuilding S in backward instead would need torch.autograd.grad inside a custom Function: a graph break
+# under torch.compile.)
 # Constants measured on the development CPU, one thread, float32, N = 1024 and 2048 (matmul 512 × N × N,
 # rfft of 512 rows, torch.profiler of the fast products):
 MATMUL_SECONDS_PER_MAC = 4.5e-11
 FFT_SECONDS_PER_POINT = 3.1e-10  # one row's real FFT of size N costs this × N·log₂N (rfft, irfft, skew ≈ same)
 #: the complex multiplies, twists, folds and pads around the transforms, relative to the transforms alone
 FFT_ELEMENTWISE_FACTOR = {"circulant": 1.3, "toeplitz": 1.5, "ldr": 2.0}
-#: forward build + backward rebuild + the build's backward, per entry of S
-BUILD_SECONDS_PER_ENTRY = {"circulant": 2e-8, "toeplitz": 2e-8, "ldr": 6e-8}
+#: the build of S and its backward, per entry of S
+BUILD_SECONDS_PER_ENTRY = {"circulant": 1.5e-8, "toeplitz": 1.5e-8, "ldr": 4.5e-8}
 
 
 def transforms_per_row(structure: str, displacement_rank: int = 1, training: bool = True) -> int:
@@ -472,8 +432,9 @@ def fast_product_is_cheaper(structure: str, tokens: int, rows: int, cols: int, d
                             training: bool = True) -> bool:
     """Whether S·x by its fast product beats building S (rows × cols) once and multiplying densely, for
     ``tokens`` rows of x (forward, plus backward when ``training``), by the cost model above. Kronecker's
-    product (two small GEMMs) is always cheaper."""
-    if structure == "kronecker":
+    product (two small GEMMs) is always cheaper; in training, so is any product whose S would outweigh half of x
+    (memory first)."""
+    if structure == "kronecker" or (training and tokens < 2 * rows):
         return True
     length = max(rows, cols)
     transforms = transforms_per_row(structure, displacement_rank, training)

@@ -170,7 +170,9 @@ class SurmLayer(HirankLayer):
         tokens = v.numel() // max(v.shape[-1], 1)
         if not structured.fast_product_is_cheaper(settings.structure, tokens, settings.rows, settings.cols, rank,
                                                   training):
-            return structured.dense_product(self._dense_builder(adapter_name), v, *generators)
+            dtype = torch.promote_types(generators[0].dtype, torch.float32)  # as the FFTs: float32 at least
+            dense = self._dense_builder(adapter_name)(*generators).to(dtype)
+            return (v.to(dtype) @ dense.T).to(v.dtype)
         if settings.structure == "circulant":
             return structured.circulant_matvec(*generators, v, settings.rows)
         if settings.structure == "toeplitz":
