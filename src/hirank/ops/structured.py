@@ -392,6 +392,64 @@ def ldr_dense(g: torch.Tensor, h: torch.Tensor, out_features: int, in_features: 
     return dense_t.T[:out_features, :in_features]
 
 
+def _ldr_dense_adjoint(g: torch.Tensor, h: torch.Tensor,
+                       grad_dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂/∂G, ∂/∂H) of ⟨grad_dense, ldr_dense(G, H, m, n)⟩: :func:`ldr_dense`'s steps in reverse (skews read
+    back, the cumulative sum reversed), O(r·N²) without autograd (so torch.compile traces it).  grad: (m, n)."""
+    size = g.shape[-1]
+    rows, cols = grad_dense.shape
+    grad_t = torch.nn.functional.pad(grad_dense, (0, size - cols, 0, size - rows)).T.contiguous()  # [j, i]
+    doubled = torch.cat([grad_t, grad_t], dim=1)
+    grad_by_diagonal = torch.as_strided(doubled, (size, size), (2 * size + 1, 1), 0)  # [j, δ]: grad_t[j, (δ+j) mod N]
+    grad_terms = grad_by_diagonal.T.flip(1).cumsum(1).flip(1)  # [δ, j]: Σ_{j' ≥ j}, the cumulative sum's adjoint
+    grad_skewed = torch.nn.functional.pad(grad_terms[:, 1:].T, (0, 0, 0, 1))  # [l, δ]; l = N − 1 feeds nothing
+    doubled = torch.cat([grad_skewed, grad_skewed], dim=1)
+    grad_coupling = torch.as_strided(doubled, (size, size), (2 * size - 1, 1), size - 1)  # [l, a]: (a−1−l) mod N
+    grad_g = -2 * (h.flip(-1) @ grad_coupling)
+    grad_h = (-2 * (g @ grad_coupling.T)).flip(-1)
+    first_spectrum = torch.fft.rfft(grad_terms[:, 0])  # w₀ = Σ_k g_k ⊛ h_k: correlations with its gradient
+    grad_g = grad_g + torch.fft.irfft(torch.fft.rfft(h).conj() * first_spectrum, n=size)
+    grad_h = grad_h + torch.fft.irfft(torch.fft.rfft(g).conj() * first_spectrum, n=size)
+    return grad_g, grad_h
+
+
+class _LdrDenseProduct(torch.autograd.Function):
+    """W(G, H)[:m, :n]·x with W built densely (:func:`ldr_dense`) and one matmul; saves G, H and x, not W:
+    backward rebuilds W (O(r·N²)), so this path keeps the fast product's activation memory."""
+
+    @staticmethod
+    def forward(ctx: Any, g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        dtype = _compute_dtype(g, h, x)
+        dense = ldr_dense(g.to(dtype), h.to(dtype), out_features, x.shape[-1])  # (m, n)
+        ctx.save_for_backward(g, h, x if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None)
+        ctx.x_shape, ctx.x_dtype, ctx.out_features = x.shape, x.dtype, out_features
+        return (x.to(dtype) @ dense.T).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        g, h, x = ctx.saved_tensors
+        dtype = _compute_dtype(g, h, grad_y)
+        g_c, h_c = g.to(dtype), h.to(dtype)
+        grad = grad_y.to(dtype).reshape(-1, ctx.out_features)  # (T, m)
+        grad_g = grad_h = grad_x = None
+        if ctx.needs_input_grad[2]:
+            dense = ldr_dense(g_c, h_c, ctx.out_features, ctx.x_shape[-1])
+            grad_x = (grad @ dense).reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_dense = grad.T @ x.to(dtype).reshape(-1, ctx.x_shape[-1])  # Σ_t grad_t·x_tᵀ, (m, n)
+            grad_g, grad_h = _ldr_dense_adjoint(g_c, h_c, grad_dense)
+            grad_g = grad_g.to(g.dtype) if ctx.needs_input_grad[0] else None
+            grad_h = grad_h.to(h.dtype) if ctx.needs_input_grad[1] else None
+        return grad_g, grad_h, grad_x, None
+
+
+def ldr_dense_product(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Same as :func:`ldr_matvec` through a dense W built once per call: for the layers where the cost model
+    below prefers it (many displacement terms, N up to ≈ 2000)."""
+    return _LdrDenseProduct.apply(g, h, x, out_features)
+
+
 # ---- fast product or dense S: the cost model (issue 12) ------------------------------------------------
 #
 # Both paths cost time linear in the tokens T of a step; only the dense path adds a cost per step that does not
@@ -403,10 +461,9 @@ def ldr_dense(g: torch.Tensor, h: torch.Tensor, out_features: int, in_features: 
 # N / log₂N < (transforms / 3)·(FFT point cost / MAC cost)·(elementwise factor) and the tokens amortize the
 # build: at these constants LDR r = 8 up to N ≈ 2000 (T ≥ N), r = 4 up to N ≈ 1000, Toeplitz and LDR r = 1 up
 # to N ≈ 256, the circulant never (``benchmarks/surm.py --crossover`` measures both paths and the pick).
-# Memory: the dense path saves S (m × n) beside x for backward, so in training it is taken only where S is at
-# most half the size of the input it multiplies (T ≥ 2m), which keeps activation memory within 1.3× LoRA's.
-# (Rebuilding S in backward instead would need torch.autograd.grad inside a custom Function: a graph break
-# under torch.compile.)
+# Memory: LDR's dense path rebuilds W in backward (``ldr_dense_product``: saves x, G, H, as the fast one).
+# Circulant and Toeplitz (whose dense path rarely wins) save S (m × n) beside x, so in training they take it only
+# where S is at most half the size of the input it multiplies (T ≥ 2m): activation memory within 1.3× LoRA's.
 # Constants measured on the development CPU, one thread, float32, N = 1024 and 2048 (matmul 512 × N × N,
 # rfft of 512 rows, torch.profiler of the fast products):
 MATMUL_SECONDS_PER_MAC = 4.5e-11
@@ -414,7 +471,7 @@ FFT_SECONDS_PER_POINT = 3.1e-10  # one row's real FFT of size N costs this × N�
 #: the complex multiplies, twists, folds and pads around the transforms, relative to the transforms alone
 FFT_ELEMENTWISE_FACTOR = {"circulant": 1.3, "toeplitz": 1.5, "ldr": 2.0}
 #: the build of S and its backward, per entry of S
-BUILD_SECONDS_PER_ENTRY = {"circulant": 1.5e-8, "toeplitz": 1.5e-8, "ldr": 4.5e-8}
+BUILD_SECONDS_PER_ENTRY = {"circulant": 1.5e-8, "toeplitz": 1.5e-8, "ldr": 4.5e-8}  # LDR: build twice, adjoint
 
 
 def transforms_per_row(structure: str, displacement_rank: int = 1, training: bool = True) -> int:
@@ -432,9 +489,9 @@ def fast_product_is_cheaper(structure: str, tokens: int, rows: int, cols: int, d
                             training: bool = True) -> bool:
     """Whether S·x by its fast product beats building S (rows × cols) once and multiplying densely, for
     ``tokens`` rows of x (forward, plus backward when ``training``), by the cost model above. Kronecker's
-    product (two small GEMMs) is always cheaper; in training, so is any product whose S would outweigh half of x
-    (memory first)."""
-    if structure == "kronecker" or (training and tokens < 2 * rows):
+    product (two small GEMMs) is always cheaper; in training, so is a circulant or Toeplitz product whose saved S
+    would outweigh half of x (memory first)."""
+    if structure == "kronecker" or (training and structure != "ldr" and tokens < 2 * rows):
         return True
     length = max(rows, cols)
     transforms = transforms_per_row(structure, displacement_rank, training)

@@ -170,6 +170,8 @@ class SurmLayer(HirankLayer):
         tokens = v.numel() // max(v.shape[-1], 1)
         if not structured.fast_product_is_cheaper(settings.structure, tokens, settings.rows, settings.cols, rank,
                                                   training):
+            if settings.structure == "ldr":  # rebuilds W in backward: the fast product's memory
+                return structured.ldr_dense_product(*generators, v, settings.rows)
             dtype = torch.promote_types(generators[0].dtype, torch.float32)  # as the FFTs: float32 at least
             dense = self._dense_builder(adapter_name)(*generators).to(dtype)
             return (v.to(dtype) @ dense.T).to(v.dtype)
