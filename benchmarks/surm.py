@@ -13,13 +13,20 @@
 
     .venv/bin/python benchmarks/surm.py [--threads N] [--dims 384 768] [--rounds 8] [--skip-model]
     .venv/bin/python benchmarks/surm.py --mlp --dims 1024 2048 4096 --token-counts 512 4096 --rounds 5
+
+4. The cost model's crossover (``--crossover``): one d×d layer, forward + backward, each structure with its fast
+   product and with S built once per step forced, dense ÷ fast (median of
+   interleaved rounds) beside the path ``structured.fast_product_is_cheaper`` picks.
+
+    .venv/bin/python benchmarks/surm.py --crossover --dims 512 1024 2048 --token-counts 512 2048 --rounds 5
 """
 
 from __future__ import annotations
 
 import statistics
 import sys
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
+from typing import Iterator
 from pathlib import Path
 
 import torch
@@ -32,6 +39,7 @@ from common import (  # noqa: E402
     DEVICE, adapted, argument_parser, batch, best_seconds, clock, dense_delta_forward, layer_step, parse_args,
     interleaved_seconds, print_table, saved_activation_bytes, tensor_step, train_step,
 )
+from hirank.ops import structured  # noqa: E402
 from hirank.tuners.surm.layer import SurmLayer  # noqa: E402
 
 TARGETS = ["query", "value"]
@@ -42,6 +50,46 @@ SURM_VARIANTS = {
     "ldr r=1": {"structure": "ldr", "displacement_rank": 1},
     "ldr r=4": {"structure": "ldr", "displacement_rank": 4},
 }
+
+
+@contextmanager
+def forced_path(fast: bool) -> Iterator[None]:
+    """Every SURM layer takes the fast product (True) or the dense S built once per step (False)."""
+    original = structured.fast_product_is_cheaper
+    structured.fast_product_is_cheaper = lambda *args, **kwargs: fast
+    try:
+        yield
+    finally:
+        structured.fast_product_is_cheaper = original
+
+
+CROSSOVER_VARIANTS = {"circulant": ("circulant", 1), "toeplitz": ("toeplitz", 1), "ldr r=1": ("ldr", 1),
+                      "ldr r=8": ("ldr", 8)}
+
+
+def crossover_table(dims: list[int], token_counts: list[int], rounds: int) -> None:
+    """Measured dense ÷ fast step time per structure, size and tokens, and the cost model's choice."""
+    rows = []
+    for d in dims:
+        for tokens in token_counts:
+            steps = {}
+            for name, (structure, rank) in CROSSOVER_VARIANTS.items():
+                config = hirank.SurmConfig(target_modules=["proj"], structure=structure, displacement_rank=rank,
+                                           init_weights=False)
+                for fast in (True, False):
+                    steps[name, fast] = layer_step(config, d, tokens, lambda fast=fast: forced_path(fast))
+            times = interleaved_seconds(steps, rounds, warmup=1)
+            for name, (structure, rank) in CROSSOVER_VARIANTS.items():
+                ratio = statistics.median(d_ / f_ for d_, f_ in zip(times[name, False], times[name, True]))
+                chosen = structured.fast_product_is_cheaper(structure, tokens, d, d, rank)
+                rows.append({"d": d, "tokens": tokens, "structure": name,
+                             "fast ms": f"{1e3 * statistics.median(times[name, True]):.1f}",
+                             "dense ms": f"{1e3 * statistics.median(times[name, False]):.1f}",
+                             "dense ÷ fast": f"{ratio:.2f}", "model picks": "fast" if chosen else "dense",
+                             "right": "✓" if chosen == (ratio >= 1) else "✗"})
+    print(f"one d×d layer, forward + backward (x and the generators), median of {rounds} interleaved rounds, "
+          f"{torch.get_num_threads()} thread(s), {clock().__name__}")
+    print_table(rows)
 
 
 def materialized_s() -> AbstractContextManager[None]:
@@ -170,8 +218,13 @@ def main() -> None:
     parser.add_argument("--skip-model", action="store_true", help="only the single-layer table")
     parser.add_argument("--mlp", action="store_true", help="only issue 12's table (4 GELU layers, ÷ LoRA r=8)")
     parser.add_argument("--token-counts", type=int, nargs="+", default=[512],
-                        help="tokens per step of the --mlp table (512 and ≥ d in issue 12)")
+                        help="tokens per step of the --mlp and --crossover tables (512 and ≥ d in issue 12)")
+    parser.add_argument("--crossover", action="store_true",
+                        help="only the cost model's table: fast product vs dense S per step, one layer")
     args = parse_args(parser)
+    if args.crossover:
+        crossover_table(args.dims, args.token_counts, args.rounds)
+        return
     if args.mlp:
         mlp_table(args.dims, args.token_counts, args.rounds)
         return

@@ -185,19 +185,6 @@ def test_kronecker_factor_choices_and_auto_choice():
         assert structured.kronecker_rank_bound(n, m, structured.choose_kronecker_factor(n, m)) == best
 
 
-def test_fast_fft_length_is_the_smallest_5_smooth_size():
-    def smooth(k: int) -> bool:
-        for p in (2, 3, 5):
-            while k % p == 0:
-                k //= p
-        return k == 1
-
-    for n in range(1, 400):
-        length = structured.fast_fft_length(n)
-        assert length >= n and smooth(length)
-        assert not any(smooth(k) for k in range(n, length)), n
-
-
 # ---- batch independence (issue 11.3) ------------------------------------------------------------------
 def _products(size: int) -> dict[str, object]:
     c, t = _randn(size, seed=30), _randn(2 * size - 1, seed=31)
@@ -263,9 +250,56 @@ def test_ldr_dense_from_the_displacement_equation_is_the_definition(m, n):
     torch.testing.assert_close(structured.ldr_dense(g, h, m, n), expected, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("m, n", [(6, 6), (7, 7), (4, 9), (9, 4)])
+def test_ldr_dense_product_passes_gradcheck_and_equals_the_fast_product(m, n):
+    """The dense path's hand-written adjoint of ldr_dense (no autograd inside backward) against finite
+    differences, and its values against the fast product."""
+    size = max(m, n)
+    g, h = _randn(2, size, seed=56).requires_grad_(), _randn(2, size, seed=57).requires_grad_()
+    x = _randn(2, 3, n, seed=58).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, v: structured.ldr_dense_product(a, b, v, m), (g, h, x))
+    torch.testing.assert_close(structured.ldr_dense_product(g, h, x, m), structured.ldr_matvec(g, h, x, m),
+                               rtol=0, atol=1e-10)
+
+
 def test_dense_builds_pass_gradcheck():
     """The dense path trains through these builds (strided windows, cumulative sums)."""
     assert torch.autograd.gradcheck(lambda c: structured.circulant_dense(c, 5, 7), _randn(7, seed=52).requires_grad_())
     assert torch.autograd.gradcheck(lambda t: structured.toeplitz_dense(t, 5, 7), _randn(11, seed=53).requires_grad_())
     g, h = _randn(2, 7, seed=54).requires_grad_(), _randn(2, 7, seed=55).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: structured.ldr_dense(a, b, 6, 7), (g, h))
+
+
+# ---- transforms per row: the cost model's counts are the code's (issue 12) ---------------------------------
+class _RowTransformCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts FFT calls on tensors with ``rows`` rows (the token rows; the generators' transforms are free)."""
+
+    FFTS = {torch.ops.aten._fft_r2c.default, torch.ops.aten._fft_c2r.default, torch.ops.aten._fft_c2c.default}
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.rows, self.count = rows, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.FFTS and args[0].dim() == 2 and args[0].shape[0] == self.rows:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("structure, rank", [("circulant", 1), ("toeplitz", 1), ("ldr", 1), ("ldr", 3)])
+def test_a_training_step_does_the_transforms_the_cost_model_counts(structure, rank):
+    """Circulant: 4 (x's spectrum is saved, not recomputed); LDR: 4 + 6r (x's skew spectrum saved: the old code
+    did 5 + 6r); forward alone 2 or 2 + 2r."""
+    rows, size = 10, 16
+    x = _randn(rows, size, seed=60).requires_grad_()
+    generators = {"circulant": (_randn(size, seed=61),), "toeplitz": (_randn(2 * size - 1, seed=62),),
+                  "ldr": (_randn(rank, size, seed=63), _randn(rank, size, seed=64))}[structure]
+    generators = tuple(g.requires_grad_() for g in generators)
+    product = {"circulant": structured.circulant_matvec, "toeplitz": structured.toeplitz_matvec,
+               "ldr": structured.ldr_matvec}[structure]
+    with _RowTransformCounter(rows) as forward:
+        y = product(*generators, x, size)
+    with _RowTransformCounter(rows) as backward:
+        y.square().sum().backward()
+    assert forward.count == structured.transforms_per_row(structure, rank, training=False)
+    assert forward.count + backward.count == structured.transforms_per_row(structure, rank, training=True)

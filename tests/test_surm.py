@@ -193,10 +193,58 @@ def test_adapter_placement_without_default_targets_asks_for_target_modules():
 def test_cost_model_prefers_the_dense_s_only_when_tokens_pay_for_it():
     assert structured.fast_product_is_cheaper("ldr", 512, 4096, 4096, displacement_rank=1)
     assert not structured.fast_product_is_cheaper("ldr", 8192, 64, 64, displacement_rank=8)  # tokens ≫ d
+    assert structured.fast_product_is_cheaper("ldr", 1, 64, 64, displacement_rank=8)  # the build is not paid back
     assert structured.fast_product_is_cheaper("circulant", 1024, 1024, 1024)
     assert structured.fast_product_is_cheaper("kronecker", 10 ** 6, 64, 64)  # never materialized
-    assert structured.fast_product_is_cheaper("ldr", 100, 64, 64, displacement_rank=8)  # S would outweigh x
-    assert not structured.fast_product_is_cheaper("ldr", 100, 64, 64, displacement_rank=8, training=False)
+
+
+def test_cost_model_keeps_a_saved_dense_s_out_of_training_where_it_outweighs_half_of_x():
+    """Circulant's and Toeplitz's dense path saves S (m × n) for backward: in training only where T ≥ 2m.
+    LDR's rebuilds W in backward instead, so its choice is by time alone."""
+    assert structured.fast_product_is_cheaper("toeplitz", 100, 64, 64)  # S would outweigh x
+    assert not structured.fast_product_is_cheaper("toeplitz", 100, 64, 64, training=False)
+    assert not structured.fast_product_is_cheaper("toeplitz", 128, 64, 64)
+    assert not structured.fast_product_is_cheaper("ldr", 100, 64, 64, displacement_rank=8)
+
+
+def _saved_bytes(run) -> int:
+    """Bytes autograd saves for backward while ``run()`` builds its graph (unique storages)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())
+
+
+def test_ldr_dense_path_saves_no_more_than_the_fast_path(monkeypatch):
+    """W (64 × 64, as big as the 64 tokens' x) is rebuilt in backward, not saved."""
+    model = _single(64, 64, structure="ldr", displacement_rank=2, init_weights=False)
+    x = torch.randn(64, 64, requires_grad=True)
+    saved = {}
+    for fast in (True, False):
+        monkeypatch.setattr(structured, "fast_product_is_cheaper", lambda *args, fast=fast, **kwargs: fast)
+        saved[fast] = _saved_bytes(lambda: model(x))
+    assert saved[False] <= saved[True], saved
+
+
+@pytest.mark.parametrize("structure", ["circulant", "toeplitz", "ldr"])
+def test_dense_path_compiles_as_one_graph(structure, monkeypatch):
+    """torch.compile(backend="eager") traces the dense build of S (strided views, cumulative sums) without a
+    graph break; a custom Function that rebuilt S with torch.autograd.grad in backward broke it once per layer."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(structured, "fast_product_is_cheaper", lambda *args, **kwargs: False)
+    model = _single(24, 40, structure=structure, displacement_rank=2, init_weights=False)
+    x = torch.randn(2, 7, 24)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compile(model, backend="eager")(x).square().sum().backward()
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("structure", ["circulant", "toeplitz", "ldr"])

@@ -5,7 +5,7 @@ materialization (for merging, for the dense path of :func:`fast_product_is_cheap
 
 * circulant ``Circ(c)``: ``Circ(c)[i, j] = c[(i - j) mod N]`` (first column c), product by rfft (§3.2a);
 * Toeplitz ``Toep(t)`` (m × n, m+n−1 diagonals): ``Toep(t)[i, j] = t[i - j + n - 1]``, product by FFT
-  after embedding in a circulant (§3.2b, general rectangular form of §3.3);
+  as a circulant plus a skew-circulant of size max(m, n) (§3.2b, general rectangular form of §3.3);
 * Kronecker ``B ⊗ A``, applied as ``B · X · Aᵀ`` on the reshaped input, never materialized (§3.2c);
 * low displacement rank ``W(G, H) = Σ_{i<r} Circ(g_i) · SkewCirc(h_i)`` (§3.2d), with the skew-circulant
   diagonalized by ``η = exp(iπ/N)``, so that ``ηᴺ = −1`` exactly (the reference code's root is wrong).
@@ -14,10 +14,19 @@ Rectangular m × n (choice, spec §3.3): circulant and LDR are *truncated*: the 
 N = max(m, n) acting on x zero-padded to N, keeping the first m outputs, i.e. ``S[:m, :n]``.
 FFTs run in float32 (float64 stays float64) whatever the activation dtype; the result has that dtype.
 
-Every fast product is a custom autograd Function that saves only its input x and the small generators and
-recomputes the transforms of x in backward (the backward of a circulant product is the circulant product with
-the conjugate spectrum), so its activation memory is LoRA's. Every row of x is transformed on its own: no
-sample ever shares an FFT with another one (a NaN or a huge value stays in its own sample).
+Every fast product is a custom autograd Function that saves the small generators and one tensor of x's size:
+the circulant its spectrum rfft(x), LDR its skew spectrum (both N real numbers per row, so backward does not
+transform x again), Toeplitz x itself (it needs two spectra of x); the backward of a circulant product is the
+circulant product with the conjugate spectrum. So the activation memory is LoRA's. Every row of x is
+transformed on its own: no sample ever shares an FFT with another one (a NaN or a huge value stays in its own
+sample).
+
+Fast product or dense S, per layer and step (:func:`fast_product_is_cheaper`, the cost model written out at the
+end of this module): both cost time linear in the tokens; the fast product ≈ (transforms per row) × N·log₂N
+FFT work, the dense path 3·m·n multiply-adds per row plus one O(m·n) build of S per step. On CPU one
+multiply-add costs about 1/7 of one FFT point·log₂N, so the dense S pays off for LDR with several displacement
+terms (r = 4 up to N ≈ 1000, r = 8 up to N ≈ 2000 once T ≥ N), for Toeplitz and LDR r = 1 only up to
+N ≈ 256, and never for the circulant.
 """
 
 from __future__ import annotations
@@ -37,22 +46,6 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     for tensor in tensors:
         dtype = torch.promote_types(dtype, tensor.dtype)
     return dtype
-
-
-def fast_fft_length(n: int) -> int:
-    """The smallest 5-smooth number (2^a·3^b·5^c) ≥ n: an FFT size without slow prime factors."""
-    best = 1 << max(n - 1, 0).bit_length()  # the next power of two
-    power5 = 1
-    while power5 < best:
-        odd = power5  # 3^b·5^c
-        while odd < best:
-            candidate = odd
-            while candidate < n:
-                candidate *= 2
-            best = min(best, candidate)
-            odd *= 3
-        power5 *= 5
-    return best
 
 
 def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -75,28 +68,33 @@ def _spectral_row_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _CirculantProduct(torch.autograd.Function):
-    """Circ(c)[:m, :n]·x = irfft(rfft(c) ⊙ rfft(x))[:m]; saves x and c only."""
+    """Circ(c)[:m, :n]·x = irfft(rfft(c) ⊙ rfft(x))[:m] (spec §3.2a).
+
+    Saves c and, when c needs a gradient, the spectrum rfft(x) (N/2 + 1 complex numbers per row: x's size)
+    instead of x, so backward needs two transforms (rfft of the gradient, irfft of the input gradient), not three.
+    """
 
     @staticmethod
     def forward(ctx: Any, c: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
         size, dtype = c.shape[-1], _compute_dtype(c, x)
-        product = torch.fft.irfft(torch.fft.rfft(c.to(dtype)) * torch.fft.rfft(_rows(x, size, dtype)), n=size)
-        ctx.save_for_backward(c, x)
+        x_spectrum = torch.fft.rfft(_rows(x, size, dtype))  # (T, N/2+1)
+        product = torch.fft.irfft(torch.fft.rfft(c.to(dtype)) * x_spectrum, n=size)
+        ctx.save_for_backward(c, x_spectrum if ctx.needs_input_grad[0] else None)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return product[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        c, x = ctx.saved_tensors
-        size, dtype = c.shape[-1], _compute_dtype(c, x)
+        c, x_spectrum = ctx.saved_tensors
+        size, dtype = c.shape[-1], _compute_dtype(c, grad_y)
         grad_spectrum = torch.fft.rfft(_rows(grad_y, size, dtype))  # (T, N/2+1), grad_y zero-padded to N
         grad_c = grad_x = None
-        if ctx.needs_input_grad[1]:  # Circ(c)ᵀ = the circulant with the conjugate spectrum
-            grad_rows = torch.fft.irfft(torch.fft.rfft(c.to(dtype)).conj() * grad_spectrum, n=size)
-            grad_x = grad_rows[:, :x.shape[-1]].reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[0]:  # Circ(c)·x = Circ(x)·c: Σ_t Circ(x_t)ᵀ·grad_t, summed in frequency
-            x_spectrum = torch.fft.rfft(_rows(x, size, dtype))
             grad_c = torch.fft.irfft(_spectral_row_sum(x_spectrum, grad_spectrum), n=size).to(c.dtype)
+        if ctx.needs_input_grad[1]:  # Circ(c)ᵀ = the circulant with the conjugate spectrum (in place: last use)
+            grad_rows = torch.fft.irfft(grad_spectrum.mul_(torch.fft.rfft(c.to(dtype)).conj()), n=size)
+            grad_x = grad_rows[:, :ctx.x_shape[-1]].reshape(ctx.x_shape).to(ctx.x_dtype)
         return grad_c, grad_x, None
 
 
@@ -139,12 +137,12 @@ def skew_spectrum(v: torch.Tensor) -> torch.Tensor:
         folded = torch.complex(v[..., : size // 2], v[..., size // 2:])
     else:
         folded = torch.complex(v, torch.zeros_like(v))
-    return torch.fft.fft(folded * _skew_twist(size, v.dtype, v.device))
+    return torch.fft.fft(folded.mul_(_skew_twist(size, v.dtype, v.device)))  # in place: one 2N-long buffer fewer
 
 
 def skew_inverse(spectrum: torch.Tensor, size: int) -> torch.Tensor:
     """Inverse of :func:`skew_spectrum` (for a product of two spectra of real vectors): (..., M) → (..., N) real."""
-    unfolded = torch.fft.ifft(spectrum) * _skew_twist(size, spectrum.real.dtype, spectrum.device).conj()
+    unfolded = torch.fft.ifft(spectrum).mul_(_skew_twist(size, spectrum.real.dtype, spectrum.device).conj())
     return torch.cat([unfolded.real, unfolded.imag], dim=-1) if size % 2 == 0 else unfolded.real
 
 
@@ -168,52 +166,63 @@ def skew_circulant_matvec(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 # ---- Toeplitz -------------------------------------------------------------------------------------
 
 
-class _ToeplitzProduct(torch.autograd.Function):
-    """Toep(t)·x as entries n−1 … n+m−2 of the cyclic convolution (length L ≥ m+n−1) of t and x; saves t, x."""
+class _CirculantPlusSkewProduct(torch.autograd.Function):
+    """(Circ(c) + SkewCirc(s))[:m, :n]·x with two size-N diagonalizations of x; saves c, s and x.
+
+    Per row 4 transforms forward (rfft and skew spectrum of x, their inverses), 6 backward (the same of the
+    gradient, and x's two spectra recomputed): each about a third of a length-2N rfft's time.
+    """
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
-        in_features, dtype = x.shape[-1], _compute_dtype(t, x)
-        length = fast_fft_length(out_features + in_features - 1)
-        # explicit zero-padding: rfft(x, n=length) was measured slower in backward
-        spectrum = torch.fft.rfft(t.to(dtype), n=length) * torch.fft.rfft(_rows(x, length, dtype))
-        full = torch.fft.irfft(spectrum, n=length)  # (T, L)
-        ctx.save_for_backward(t, x)
-        ctx.out_features = out_features
-        product = full[:, in_features - 1: in_features - 1 + out_features]
-        return product.reshape(*x.shape[:-1], out_features).to(x.dtype)
+    def forward(ctx: Any, c: torch.Tensor, s: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        size, dtype = c.shape[-1], _compute_dtype(c, s, x)
+        rows = _rows(x, size, dtype)  # (T, N)
+        product = torch.fft.irfft(torch.fft.rfft(rows).mul_(torch.fft.rfft(c.to(dtype))), n=size)
+        product += skew_inverse(skew_spectrum(rows).mul_(skew_spectrum(s.to(dtype))), size)
+        ctx.save_for_backward(c, s, x if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return product[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        t, x = ctx.saved_tensors
-        in_features, out_features, dtype = x.shape[-1], ctx.out_features, _compute_dtype(t, x)
-        length = fast_fft_length(out_features + in_features - 1)
-        placed = torch.nn.functional.pad(grad_y.to(dtype).reshape(-1, out_features),
-                                         (in_features - 1, length - in_features + 1 - out_features))
-        grad_spectrum = torch.fft.rfft(placed)  # the gradient of the full cyclic convolution, (T, L/2+1)
-        grad_t = grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_rows = torch.fft.irfft(torch.fft.rfft(t.to(dtype), n=length).conj() * grad_spectrum, n=length)
-            grad_x = grad_rows[:, :in_features].reshape(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[0]:
-            x_spectrum = torch.fft.rfft(_rows(x, length, dtype))
-            grad_full = torch.fft.irfft(_spectral_row_sum(x_spectrum, grad_spectrum), n=length)
-            grad_t = grad_full[: t.shape[-1]].to(t.dtype)
-        return grad_t, grad_x, None
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        c, s, x = ctx.saved_tensors
+        size, dtype = c.shape[-1], _compute_dtype(c, s, grad_y)
+        need_c, need_s, need_x = ctx.needs_input_grad[:3]
+        grad_rows = _rows(grad_y, size, dtype)  # (T, N), zero-padded
+        grad_spectrum, grad_skew = torch.fft.rfft(grad_rows), skew_spectrum(grad_rows)
+        grad_c = grad_s = grad_x = None
+        if need_c or need_s:
+            rows = _rows(x, size, dtype)
+        if need_c:  # Circ(c)·x = Circ(x)·c
+            grad_c = torch.fft.irfft(_spectral_row_sum(torch.fft.rfft(rows), grad_spectrum), n=size).to(c.dtype)
+        if need_s:  # SkewCirc(s)·x = SkewCirc(x)·s
+            grad_s = skew_inverse(_spectral_row_sum(skew_spectrum(rows), grad_skew), size).to(s.dtype)
+        if need_x:  # the transposes: conjugate spectra (in place: their last use)
+            grad_x_rows = torch.fft.irfft(grad_spectrum.mul_(torch.fft.rfft(c.to(dtype)).conj()), n=size)
+            grad_x_rows += skew_inverse(grad_skew.mul_(skew_spectrum(s.to(dtype)).conj()), size)
+            grad_x = grad_x_rows[:, :ctx.x_shape[-1]].reshape(ctx.x_shape).to(ctx.x_dtype)
+        return grad_c, grad_s, grad_x, None
 
 
 def toeplitz_matvec(t: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
     """Toep(t) · x.  t: (m+n−1,), x: (..., n) → (..., m), m = out_features.
 
-    y[i] = Σ_j t[i − j + n − 1] x[j] is entry n−1+i of the linear convolution t ∗ x; a cyclic
-    convolution of length L ≥ m+n−1 computes those entries without wrap-around.
+    y[i] = Σ_j t[i − j + n − 1] x[j]. Toep(t) is the top-left m × n block of the N × N Toeplitz matrix (N =
+    max(m, n)) with diagonals τ_k = t[k + n − 1] (zero outside), and every N × N Toeplitz matrix is a circulant
+    plus a skew-circulant: τ_k = c_k + s_k for k ≥ 0 and τ_{k−N} = c_k − s_k, so c = (τ₊ + τ₋)/2,
+    s = (τ₊ − τ₋)/2 (the circulant-skew-circulant splitting of Toeplitz matrices, spec §3.2b and §3.2d). Four
+    size-N transforms per row instead of two of a length-2N embedding, a third of the work each.
     """
     in_features = x.shape[-1]
     if t.shape[-1] != out_features + in_features - 1:
         raise ValueError(f"a {out_features}×{in_features} Toeplitz matrix has {out_features + in_features - 1} "
                          f"diagonals, got {t.shape[-1]}")
-    return _ToeplitzProduct.apply(t, x, out_features)
+    size = max(out_features, in_features)
+    diagonals = torch.nn.functional.pad(t, (size - in_features, size - out_features))  # τ_k at k + N − 1, (2N−1,)
+    upper = diagonals[size - 1:]  # τ_k, k = 0 … N−1
+    lower = torch.nn.functional.pad(diagonals[: size - 1], (1, 0))  # τ_{k−N}, k = 0 … N−1 (τ_{−N} = 0)
+    return _CirculantPlusSkewProduct.apply((upper + lower) / 2, (upper - lower) / 2, x, out_features)
 
 
 def toeplitz_dense(t: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -294,10 +303,12 @@ def choose_kronecker_factor(in_features: int, out_features: int) -> int:
 
 
 class _LdrProduct(torch.autograd.Function):
-    """W(G, H)[:m, :n]·x = Σ_k Circ(g_k)·SkewCirc(h_k)·x; saves G, H, x only.
+    """W(G, H)[:m, :n]·x = Σ_k Circ(g_k)·SkewCirc(h_k)·x (spec §3.2d).
 
     The skew spectrum of x is shared by the r terms and the r circulant spectra are summed before one inverse
-    rfft: per row 2 + 2r transforms of size N (or N/2 complex) forward, 3 + 4r backward (recomputing x's).
+    rfft. Saves G, H and, when G or H needs a gradient, x's skew spectrum (N real numbers per row: x's size)
+    instead of x. Per row: 2 + 2r transforms forward, 2 + 4r backward (the r terms' circulant spectra are
+    recomputed for G's gradient rather than saved: that would cost r times x's memory).
     """
 
     @staticmethod
@@ -307,29 +318,29 @@ class _LdrProduct(torch.autograd.Function):
         h_skew, g_spectrum = skew_spectrum(h.to(dtype)), torch.fft.rfft(g.to(dtype))  # (r, M), (r, N/2+1)
         total = torch.zeros(x_skew.shape[0], size // 2 + 1, dtype=g_spectrum.dtype, device=x.device)
         for h_k, g_k in zip(h_skew, g_spectrum):  # one term at a time: temporaries stay (T, N)
-            total += torch.fft.rfft(skew_inverse(x_skew * h_k, size)) * g_k  # spectrum of Circ(g_k)·SkewCirc(h_k)·x
-        ctx.save_for_backward(g, h, x)
-        ctx.out_features = out_features
+            total.addcmul_(torch.fft.rfft(skew_inverse(x_skew * h_k, size)), g_k)  # of Circ(g_k)·SkewCirc(h_k)·x
+        ctx.save_for_backward(g, h, x_skew if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         product = torch.fft.irfft(total, n=size)[:, :out_features]
         return product.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        g, h, x = ctx.saved_tensors
-        size, dtype = g.shape[-1], _compute_dtype(g, h, x)
+        g, h, x_skew = ctx.saved_tensors
+        size, dtype = g.shape[-1], _compute_dtype(g, h, grad_y)
         need_g, need_h, need_x = ctx.needs_input_grad[:3]
         grad_spectrum = torch.fft.rfft(_rows(grad_y, size, dtype))  # (T, N/2+1)
-        x_skew = skew_spectrum(_rows(x, size, dtype))  # recomputed, (T, M)
         h_skew, g_spectrum = skew_spectrum(h.to(dtype)), torch.fft.rfft(g.to(dtype))
         grad_g = torch.zeros_like(g, dtype=dtype) if need_g else None
         grad_h = torch.zeros_like(h, dtype=dtype) if need_h else None
-        grad_x_skew = torch.zeros_like(x_skew) if need_x else None
+        grad_x_skew = torch.zeros(grad_spectrum.shape[0], h_skew.shape[-1], dtype=h_skew.dtype,
+                                  device=grad_y.device) if need_x else None
         for k, (h_k, g_k) in enumerate(zip(h_skew, g_spectrum)):
             if need_h or need_x:  # the transposes: conjugate spectra, Circ(g_k)ᵀ·grad then SkewCirc(h_k)ᵀ
                 back_skew = skew_spectrum(torch.fft.irfft(g_k.conj() * grad_spectrum, n=size))  # (T, M)
                 if need_x:
-                    grad_x_skew += h_k.conj() * back_skew
+                    grad_x_skew.addcmul_(back_skew, h_k.conj())
                 if need_h:  # SkewCirc(h)·x = SkewCirc(x)·h
                     grad_h[k] = skew_inverse(_spectral_row_sum(x_skew, back_skew), size)
             if need_g:  # Circ(g)·u = Circ(u)·g with u = SkewCirc(h_k)·x, recomputed
@@ -337,7 +348,7 @@ class _LdrProduct(torch.autograd.Function):
                 grad_g[k] = torch.fft.irfft(_spectral_row_sum(term, grad_spectrum), n=size)
         grad_x = None
         if need_x:
-            grad_x = skew_inverse(grad_x_skew, size)[:, :x.shape[-1]].reshape(x.shape).to(x.dtype)
+            grad_x = skew_inverse(grad_x_skew, size)[:, :ctx.x_shape[-1]].reshape(ctx.x_shape).to(ctx.x_dtype)
         return (grad_g.to(g.dtype) if need_g else None, grad_h.to(h.dtype) if need_h else None, grad_x, None)
 
 
@@ -345,21 +356,22 @@ def ldr_matvec(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_features: 
     """W(G, H)[:m, :n] · x with W = Σ_i Circ(g_i)·SkewCirc(h_i).  G, H: (r, N), x: (..., n ≤ N) → (..., m ≤ N).
 
     Cost O(r·N log N) per row; each row is transformed on its own (real FFTs, or half-size complex FFTs of
-    the row folded onto itself), so rows never mix. The r terms differ between the skew and the circulant
-    diagonalizations, so each needs its own inverse/forward pair: a training step costs 5 + 6r transforms per
-    row (53 at r = 8, against LoRA's 2·d² base multiply-adds per row: ≈ 3× LoRA's step at d = 1024 on CPU).
+    the row folded onto itself), so rows never mix. The transform of x is shared by the r terms and the terms
+    are summed in the circulant's frequency domain, but each term's skew-circulant product must leave the skew
+    diagonalization and enter the circulant one (an inverse/forward pair: the two diagonalizations differ by a
+    dense N × N map), so a training step costs 4 + 6r transforms per row (forward 2 + 2r; backward 2r for the
+    transposed products, 2r to recompute each term for G's gradient, 2 for the gradient itself).
     """
     return _LdrProduct.apply(g, h, x, out_features)
 
 
 def _skewed_rows(matrix: torch.Tensor, shift: int) -> torch.Tensor:
     """(N, N) → (N, N) with out[j, δ] = matrix[j, (δ + shift·j + offset) mod N] for shift = ±1 and offset = 1 (+1)
-    or N (−1), by reading [matrix, matrix] flat with a row stride of 2N ± 1 (copies only, a cheap backward)."""
+    or 0 (−1): a strided view of [matrix, matrix] with a row stride of 2N ± 1 (one copy, a cheap backward)."""
     size = matrix.shape[0]
-    flat = torch.cat([matrix, matrix], dim=1).reshape(-1)  # (2N²,): [j, a] at 2N·j + a
-    width, start = (2 * size + 1, 1) if shift == 1 else (2 * size - 1, size)
-    flat = torch.nn.functional.pad(flat, (0, start + size * width - flat.shape[0]))
-    return flat[start: start + size * width].reshape(size, width)[:, :size]
+    doubled = torch.cat([matrix, matrix], dim=1)  # (N, 2N): [j, a] at 2N·j + a, a = (δ + shift·j + offset) mod N
+    stride, start = (2 * size + 1, 1) if shift == 1 else (2 * size - 1, size)
+    return torch.as_strided(doubled, (size, size), (stride, 1), start)  # doubled is fresh: storage offset 0
 
 
 def ldr_dense(g: torch.Tensor, h: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -367,56 +379,124 @@ def ldr_dense(g: torch.Tensor, h: torch.Tensor, out_features: int, in_features: 
 
     Z₁W − WZ₋₁ = 2·V with V = Σ_k g_k·(last row of SkewCirc(h_k))ᵀ = Gᵀ·flip(H) (spec §3.2d): column j+1 of W
     is column j shifted cyclically down minus 2·V[:, j]. Unrolled, with w₀ = Σ_k g_k ⊛ h_k the first column:
-    W[i, j] = w₀[(i−j) mod N] − 2·Σ_{l<j} V[(i−j+1+l) mod N, l].
+    W[i, j] = w₀[(i−j) mod N] − 2·Σ_{l<j} V[(i−j+1+l) mod N, l], a cumulative sum along j for each diagonal
+    δ = (i−j) mod N (taken along rows: 7× faster than down columns on CPU).
     """
     size = g.shape[-1]
     first_column = torch.fft.irfft((torch.fft.rfft(g) * torch.fft.rfft(h)).sum(0), n=size)  # w₀, (N,)
-    coupling_t = h.flip(-1).T @ g  # Vᵀ: [l, a] = V[a, l]
-    diagonals = _skewed_rows(coupling_t, 1).T.contiguous()  # [δ, l] = V[(δ + 1 + l) mod N, l]
-    sums = torch.cumsum(diagonals, dim=1) - diagonals  # [δ, j] = Σ_{l<j} …; cumsum along rows: 4× faster
-    by_diagonal = (first_column[:, None] - 2 * sums).T.contiguous()  # [j, δ]: W[(δ + j) mod N, j]
+    coupling_t = h.flip(-1).T @ (-2 * g)  # −2·Vᵀ: [l, a] = −2·V[a, l]
+    skewed = _skewed_rows(coupling_t, 1)  # [l, δ] = −2·V[(δ + 1 + l) mod N, l]
+    terms = torch.cat([first_column[:, None], skewed[:-1].T], dim=1)  # [δ, j]: w₀[δ], then the term of l = j − 1
+    by_diagonal = torch.cumsum(terms, dim=1).T.contiguous()  # [j, δ]: W[(δ + j) mod N, j]
     dense_t = _skewed_rows(by_diagonal, -1)  # [j, i] = by_diagonal[j, (i − j) mod N] = W[i, j]
     return dense_t.T[:out_features, :in_features]
 
 
+def _ldr_dense_adjoint(g: torch.Tensor, h: torch.Tensor,
+                       grad_dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂/∂G, ∂/∂H) of ⟨grad_dense, ldr_dense(G, H, m, n)⟩: :func:`ldr_dense`'s steps in reverse (skews read
+    back, the cumulative sum reversed), O(r·N²) without autograd (so torch.compile traces it).  grad: (m, n)."""
+    size = g.shape[-1]
+    rows, cols = grad_dense.shape
+    grad_t = torch.nn.functional.pad(grad_dense, (0, size - cols, 0, size - rows)).T.contiguous()  # [j, i]
+    doubled = torch.cat([grad_t, grad_t], dim=1)
+    grad_by_diagonal = torch.as_strided(doubled, (size, size), (2 * size + 1, 1), 0)  # [j, δ]: grad_t[j, (δ+j) mod N]
+    grad_terms = grad_by_diagonal.T.flip(1).cumsum(1).flip(1)  # [δ, j]: Σ_{j' ≥ j}, the cumulative sum's adjoint
+    grad_skewed = torch.nn.functional.pad(grad_terms[:, 1:].T, (0, 0, 0, 1))  # [l, δ]; l = N − 1 feeds nothing
+    doubled = torch.cat([grad_skewed, grad_skewed], dim=1)
+    grad_coupling = torch.as_strided(doubled, (size, size), (2 * size - 1, 1), size - 1)  # [l, a]: (a−1−l) mod N
+    grad_g = -2 * (h.flip(-1) @ grad_coupling)
+    grad_h = (-2 * (g @ grad_coupling.T)).flip(-1)
+    first_spectrum = torch.fft.rfft(grad_terms[:, 0])  # w₀ = Σ_k g_k ⊛ h_k: correlations with its gradient
+    grad_g = grad_g + torch.fft.irfft(torch.fft.rfft(h).conj() * first_spectrum, n=size)
+    grad_h = grad_h + torch.fft.irfft(torch.fft.rfft(g).conj() * first_spectrum, n=size)
+    return grad_g, grad_h
+
+
+class _LdrDenseProduct(torch.autograd.Function):
+    """W(G, H)[:m, :n]·x with W built densely (:func:`ldr_dense`) and one matmul; saves G, H and x, not W:
+    backward rebuilds W (O(r·N²)), so this path keeps the fast product's activation memory."""
+
+    @staticmethod
+    def forward(ctx: Any, g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        dtype = _compute_dtype(g, h, x)
+        dense = ldr_dense(g.to(dtype), h.to(dtype), out_features, x.shape[-1])  # (m, n)
+        ctx.save_for_backward(g, h, x if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None)
+        ctx.x_shape, ctx.x_dtype, ctx.out_features = x.shape, x.dtype, out_features
+        return (x.to(dtype) @ dense.T).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        g, h, x = ctx.saved_tensors
+        dtype = _compute_dtype(g, h, grad_y)
+        g_c, h_c = g.to(dtype), h.to(dtype)
+        grad = grad_y.to(dtype).reshape(-1, ctx.out_features)  # (T, m)
+        grad_g = grad_h = grad_x = None
+        if ctx.needs_input_grad[2]:
+            dense = ldr_dense(g_c, h_c, ctx.out_features, ctx.x_shape[-1])
+            grad_x = (grad @ dense).reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_dense = grad.T @ x.to(dtype).reshape(-1, ctx.x_shape[-1])  # Σ_t grad_t·x_tᵀ, (m, n)
+            grad_g, grad_h = _ldr_dense_adjoint(g_c, h_c, grad_dense)
+            grad_g = grad_g.to(g.dtype) if ctx.needs_input_grad[0] else None
+            grad_h = grad_h.to(h.dtype) if ctx.needs_input_grad[1] else None
+        return grad_g, grad_h, grad_x, None
+
+
+def ldr_dense_product(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Same as :func:`ldr_matvec` through a dense W built once per call: for the layers where the cost model
+    below prefers it (many displacement terms, N up to ≈ 2000)."""
+    return _LdrDenseProduct.apply(g, h, x, out_features)
+
+
 # ---- fast product or dense S: the cost model (issue 12) ------------------------------------------------
 #
-# Per step, the fast product costs its transforms on every token row; the dense path builds S once (m × n)
-# and pays matmuls: x·Sᵀ forward, and in training grad·S (input) and gradᵀ·x (for S) backward. Constants
-# measured on the development CPU, one thread, float32, N = 384…4096 (benchmarks/surm.py prints the effect):
-MATMUL_SECONDS_PER_MAC = 4e-11  # large float32 GEMM
-FFT_SECONDS_PER_POINT = 2.5e-10  # one row's real FFT of size L costs this × L·log2(L) (rfft, irfft, skew ≈ same)
-#: the complex multiplies, folds and pads around the transforms: the fast products measured about 2.5× the
-#: time of their FFT calls alone (torch.profiler, LDR r=8 at d = 1024)
-FFT_ELEMENTWISE_FACTOR = 2.5
-#: forward + backward of the dense builds per entry of S (strided copies; LDR adds a rank-r GEMM and a cumsum)
-BUILD_SECONDS_PER_ENTRY = {"circulant": 1e-8, "toeplitz": 1e-8, "ldr": 2e-8}
-LDR_BUILD_SECONDS_PER_ENTRY_AND_RANK = 5e-9
+# Both paths cost time linear in the tokens T of a step; only the dense path adds a cost per step that does not
+# grow with T (building S). Per token row, training (forward + backward):
+#   fast:  transforms(structure, r) × N·log₂N × FFT_SECONDS_PER_POINT × FFT_ELEMENTWISE_FACTOR, N = max(m, n);
+#   dense: 3·m·n × MATMUL_SECONDS_PER_MAC (x·Sᵀ forward, grad·S and gradᵀ·x backward),
+# plus, once per step, m·n × BUILD_SECONDS_PER_ENTRY (build S and run its backward).
+# Inference: 2 + 2r or 2 transforms against one matmul and one build. So the dense path wins only where
+# N / log₂N < (transforms / 3)·(FFT point cost / MAC cost)·(elementwise factor) and the tokens amortize the
+# build: at these constants LDR r = 8 up to N ≈ 2000 (T ≥ N), r = 4 up to N ≈ 1000, Toeplitz and LDR r = 1 up
+# to N ≈ 256, the circulant never (``benchmarks/surm.py --crossover`` measures both paths and the pick).
+# Memory: LDR's dense path rebuilds W in backward (``ldr_dense_product``: saves x, G, H, as the fast one).
+# Circulant and Toeplitz (whose dense path rarely wins) save S (m × n) beside x, so in training they take it only
+# where S is at most half the size of the input it multiplies (T ≥ 2m): activation memory within 1.3× LoRA's.
+# Constants measured on the development CPU, one thread, float32, N = 1024 and 2048 (matmul 512 × N × N,
+# rfft of 512 rows, torch.profiler of the fast products):
+MATMUL_SECONDS_PER_MAC = 4.5e-11
+FFT_SECONDS_PER_POINT = 3.1e-10  # one row's real FFT of size N costs this × N·log₂N (rfft, irfft, skew ≈ same)
+#: the complex multiplies, twists, folds and pads around the transforms, relative to the transforms alone
+FFT_ELEMENTWISE_FACTOR = {"circulant": 1.3, "toeplitz": 1.5, "ldr": 2.0}
+#: the build of S and its backward, per entry of S
+BUILD_SECONDS_PER_ENTRY = {"circulant": 1.5e-8, "toeplitz": 1.5e-8, "ldr": 4.5e-8}  # LDR: build twice, adjoint
 
 
-def _transforms_per_row(structure: str, displacement_rank: int, training: bool) -> int:
-    """FFTs per token row of the fast product: forward, plus backward (with x's recomputed) when training."""
+def transforms_per_row(structure: str, displacement_rank: int = 1, training: bool = True) -> int:
+    """FFTs per token row of the fast product (each of size N, or N/2 complex): forward, plus backward when
+    training. Circulant: rfft x, irfft; rfft grad, irfft grad x. Toeplitz: see :func:`toeplitz_matvec`. LDR:
+    see :func:`ldr_matvec`."""
     if structure == "ldr":
-        return 5 + 6 * displacement_rank if training else 2 + 2 * displacement_rank
-    return 5 if training else 2  # circulant and Toeplitz: rfft x, irfft; rfft grad, irfft grad x, rfft x
+        return 4 + 6 * displacement_rank if training else 2 + 2 * displacement_rank
+    if structure == "toeplitz":  # a circulant and a skew-circulant product, x saved (its two spectra: 2× x)
+        return 10 if training else 4
+    return 4 if training else 2
 
 
 def fast_product_is_cheaper(structure: str, tokens: int, rows: int, cols: int, displacement_rank: int = 1,
                             training: bool = True) -> bool:
     """Whether S·x by its fast product beats building S (rows × cols) once and multiplying densely, for
-    ``tokens`` rows of x (forward, plus backward when ``training``). Kronecker's product is always cheaper.
-
-    Memory first: the dense path saves S for backward, so in training it is taken only where S is at most half
-    the size of the input it multiplies (tokens ≥ 2·rows), which keeps activation memory within 1.3× LoRA's.
-    """
-    if structure == "kronecker" or (training and tokens < 2 * rows):
+    ``tokens`` rows of x (forward, plus backward when ``training``), by the cost model above. Kronecker's
+    product (two small GEMMs) is always cheaper; in training, so is a circulant or Toeplitz product whose saved S
+    would outweigh half of x (memory first)."""
+    if structure == "kronecker" or (training and structure != "ldr" and tokens < 2 * rows):
         return True
-    length = fast_fft_length(rows + cols - 1) if structure == "toeplitz" else max(rows, cols)
-    transforms = _transforms_per_row(structure, displacement_rank, training)
-    fast = tokens * transforms * length * math.log2(max(length, 2)) * FFT_SECONDS_PER_POINT * FFT_ELEMENTWISE_FACTOR
-    build_per_entry = BUILD_SECONDS_PER_ENTRY[structure]
-    if structure == "ldr":
-        build_per_entry += LDR_BUILD_SECONDS_PER_ENTRY_AND_RANK * displacement_rank
-    build = rows * cols * build_per_entry * (1 if training else 1 / 3)  # forward ≈ a third of forward + backward
+    length = max(rows, cols)
+    transforms = transforms_per_row(structure, displacement_rank, training)
+    transform_seconds = length * math.log2(max(length, 2)) * FFT_SECONDS_PER_POINT * FFT_ELEMENTWISE_FACTOR[structure]
+    fast = tokens * transforms * transform_seconds
+    build = rows * cols * BUILD_SECONDS_PER_ENTRY[structure] * (1 if training else 1 / 3)  # forward ≈ a third
     dense = tokens * rows * cols * (3 if training else 1) * MATMUL_SECONDS_PER_MAC + build
     return fast <= dense

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -14,6 +15,13 @@ from ...ops import structured
 from ..base import HirankLayer
 from .config import SurmConfig
 
+#: generators ↦ dense S, per structure (keyword arguments out_features, in_features)
+DENSE_BUILDS: dict[str, Callable[..., torch.Tensor]] = {
+    "circulant": structured.circulant_dense,
+    "toeplitz": structured.toeplitz_dense,
+    "kronecker": lambda b, a, out_features, in_features: structured.kronecker_dense(b, a),
+    "ldr": structured.ldr_dense,
+}
 ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": nn.functional.gelu,
     "relu": nn.functional.relu,
@@ -134,58 +142,63 @@ class SurmLayer(HirankLayer):
         return requested
 
     # ---- the structure ------------------------------------------------------------------------
-    def _structured_product(self, v: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """S · v on the last axis, (..., cols) → (..., rows): the structure's fast product, or S built once for
-        this step and one matmul where the cost model says that is cheaper (many tokens per row of S)."""
+    def _generators(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        """The generators of α·S, with α folded into the zero factor (O(N) work instead of a pass over the
+        activations): circulant (c,), Toeplitz (t,), Kronecker (B, A), LDR (G, H)."""
         settings = self.surm_settings[adapter_name]
-        zero_factor = self.surm_B[adapter_name]
+        scaled = settings.alpha * self.surm_B[adapter_name]
+        if settings.structure == "circulant":
+            return (self.surm_A[adapter_name] * scaled,)
+        if settings.structure == "toeplitz":
+            return (scaled,)
+        return scaled, self.surm_A[adapter_name]
+
+    def _dense_builder(self, adapter_name: str) -> Callable[..., torch.Tensor]:
+        """generators ↦ the dense (rows, cols) matrix they define."""
+        settings = self.surm_settings[adapter_name]
+        return partial(DENSE_BUILDS[settings.structure], out_features=settings.rows, in_features=settings.cols)
+
+    def _scaled_product(self, v: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """α·S · v on the last axis, (..., cols) → (..., rows): the structure's fast product, or S built once for
+        this step and one matmul where the cost model says that is cheaper (``structured.fast_product_is_cheaper``)."""
+        settings = self.surm_settings[adapter_name]
+        generators = self._generators(adapter_name)
+        if settings.structure == "kronecker":  # never materialized: B·X·Aᵀ is always the cheaper product
+            return structured.kronecker_matvec(*generators, v)
+        training = torch.is_grad_enabled() and (v.requires_grad or any(g.requires_grad for g in generators))
+        rank = generators[0].shape[0] if settings.structure == "ldr" else 1
         tokens = v.numel() // max(v.shape[-1], 1)
-        training = torch.is_grad_enabled() and (v.requires_grad or zero_factor.requires_grad)
-        rank = zero_factor.shape[0] if settings.structure == "ldr" else 1
         if not structured.fast_product_is_cheaper(settings.structure, tokens, settings.rows, settings.cols, rank,
                                                   training):
-            dtype = torch.promote_types(zero_factor.dtype, torch.float32)  # as the FFTs: float32 at least
-            return (v.to(dtype) @ self._structured_dense(adapter_name).to(dtype).T).to(v.dtype)
+            if settings.structure == "ldr":  # rebuilds W in backward: the fast product's memory
+                return structured.ldr_dense_product(*generators, v, settings.rows)
+            dtype = torch.promote_types(generators[0].dtype, torch.float32)  # as the FFTs: float32 at least
+            dense = self._dense_builder(adapter_name)(*generators).to(dtype)
+            return (v.to(dtype) @ dense.T).to(v.dtype)
         if settings.structure == "circulant":
-            return structured.circulant_matvec(self.surm_A[adapter_name] * zero_factor, v, settings.rows)
+            return structured.circulant_matvec(*generators, v, settings.rows)
         if settings.structure == "toeplitz":
-            return structured.toeplitz_matvec(zero_factor, v, settings.rows)
-        if settings.structure == "kronecker":
-            return structured.kronecker_matvec(zero_factor, self.surm_A[adapter_name], v)
-        return structured.ldr_matvec(zero_factor, self.surm_A[adapter_name], v, settings.rows)
-
-    def _structured_dense(self, adapter_name: str) -> torch.Tensor:
-        """S as a dense (rows, cols) matrix, built from its definition."""
-        settings = self.surm_settings[adapter_name]
-        zero_factor = self.surm_B[adapter_name]
-        rows, cols = settings.rows, settings.cols
-        if settings.structure == "circulant":
-            return structured.circulant_dense(self.surm_A[adapter_name] * zero_factor, rows, cols)
-        if settings.structure == "toeplitz":
-            return structured.toeplitz_dense(zero_factor, rows, cols)
-        if settings.structure == "kronecker":
-            return structured.kronecker_dense(zero_factor, self.surm_A[adapter_name])
-        return structured.ldr_dense(zero_factor, self.surm_A[adapter_name], rows, cols)
+            return structured.toeplitz_matvec(*generators, v, settings.rows)
+        return structured.ldr_matvec(*generators, v, settings.rows)
 
     # ---- HirankLayer API ----------------------------------------------------------------------
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """α·S for the LoRA placement; the adapter placement has no ΔW (ValueError)."""
-        settings = self.surm_settings[adapter_name]
-        if settings.placement != "lora":
+        if self.surm_settings[adapter_name].placement != "lora":
             raise ValueError(f"SURM adapter {adapter_name!r} has no ΔW: {self.not_mergeable_reason}")
-        return settings.alpha * self._structured_dense(adapter_name)
+        return self._dense_builder(adapter_name)(*self._generators(adapter_name))
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """α·S·drop(x), the LoRA placement's branch."""
         v = self.surm_dropout[adapter_name](x.to(self.surm_B[adapter_name].dtype))
-        return self.surm_settings[adapter_name].alpha * self._structured_product(v, adapter_name)
+        return self._scaled_product(v, adapter_name)
 
     def adapter_block_output(self, y: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """act(α·S·drop(y)) + bias, what the adapter placement adds to the layer output y."""
         settings = self.surm_settings[adapter_name]
         v = self.surm_dropout[adapter_name](y.to(self.surm_B[adapter_name].dtype))
         activation = ACTIVATION_FUNCTIONS[settings.activation]
-        return activation(settings.alpha * self._structured_product(v, adapter_name)) + self.surm_bias[adapter_name]
+        return activation(self._scaled_product(v, adapter_name)) + self.surm_bias[adapter_name]
 
     def _adapted_output(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Unmerged LoRA-placed branches read x; adapter-placed ones then read the resulting layer output."""
