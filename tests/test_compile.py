@@ -17,6 +17,12 @@ COMPILED_CASES = ("lora", "quanta", "quanta-3axes", "quantum_peft", "mtlora-icfm
                   "surm-ldr-lora")
 
 
+# both layers adapted (a per-layer recompile would show as several graphs) and the three weight shapes (square
+# q_proj, GQA v_proj, rectangular down_proj), in four adapters instead of six: tracing costs per adapter
+ADAPTED = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.down_proj",
+           "model.layers.1.self_attn.q_proj")
+
+
 def _params() -> list:
     cases = {case.id: case for case in CASES}
     return [pytest.param(cases[name], id=name) for name in COMPILED_CASES]
@@ -25,7 +31,8 @@ def _params() -> list:
 @pytest.mark.parametrize("case", _params())
 def test_compiled_model_is_one_graph_without_recompiles_and_matches_eager(case) -> None:
     tiny = TINY_MODELS["llama"]  # two decoder layers: a per-layer recompile would show as several graphs
-    model = get_peft_model(tiny.build(), case.config(tiny.target_modules, init_weights=False)).train()
+    model = get_peft_model(tiny.build(), case.config(ADAPTED, init_weights=False)).train()
+    assert len(model.targeted_module_names) == len(ADAPTED)
     first, second = tiny.inputs(seed=0), tiny.inputs(seed=1)
     expected_loss = tiny.loss(model, first)
     expected_grads = torch.autograd.grad(expected_loss, [p for p in model.parameters() if p.requires_grad])
