@@ -117,6 +117,49 @@ def test_compare_under_accelerate_fsdp_config_matches_one_process(tmp_path: Path
     assert abs(sharded["general_loss_after"] - single["general_loss_after"]) < 1e-3
 
 
+def test_training_clips_the_parameters_of_the_prepared_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP2 (accelerate's ``fsdp_version: 2`` on a GPU) replaces every parameter by a new DTensor parameter inside
+    ``accelerator.prepare`` and points the optimizer at them. Simulated here on the CPU by a prepare that swaps the
+    parameters in the same way: gradient clipping must see the parameters that get gradients, not the old ones."""
+    import accelerate
+
+    from hirank.bench.compare import CompareOptions, compare
+
+    from .test_bench_tasks import write_fake_data
+
+    monkeypatch.setenv("HIRANK_DATA_DIR", str(write_fake_data(tmp_path / "data")))
+    real_prepare, real_clip = accelerate.Accelerator.prepare, accelerate.Accelerator.clip_grad_norm_
+
+    def prepare_replacing_parameters(self, *objects):
+        prepared = real_prepare(self, *objects)
+        models = [item for item in prepared if isinstance(item, nn.Module)]
+        optimizers = [item for item in prepared if isinstance(item, accelerate.optimizer.AcceleratedOptimizer)]
+        replaced = {}
+        for module in (m for model in models for m in model.modules()):
+            for name, parameter in list(module._parameters.items()):
+                if parameter is not None and parameter.requires_grad:
+                    replaced[id(parameter)] = module._parameters[name] = nn.Parameter(parameter.detach().clone())
+        for group in (g for optimizer in optimizers for g in optimizer.param_groups):
+            group["params"] = [replaced.get(id(p), p) for p in group["params"]]
+        return prepared
+
+    clipped: list[tuple[int, int]] = []  # per step: (parameters clipped, of which with a gradient)
+
+    def recording_clip(self, parameters, *args, **kwargs):
+        parameters = list(parameters)
+        clipped.append((len(parameters), sum(p.grad is not None for p in parameters)))
+        return real_clip(self, parameters, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "prepare", prepare_replacing_parameters)
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", recording_clip)
+    options = CompareOptions(model="tiny-bert", task="sst2", methods=("lora",), budget="lora-r4", seeds=1, epochs=1,
+                             batch_size=4, max_length=16, train_limit=8, eval_limit=4, general_text_pairs=4,
+                             references=False, out=tmp_path / "out")
+    (record,) = compare(options)
+    assert record["steps"] == len(clipped) == 2
+    assert all(count > 0 and with_gradient == count for count, with_gradient in clipped), clipped
+
+
 # ---- what each of the two processes runs ---------------------------------------------------------------------
 def _max_difference(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> float:
     assert left.keys() == right.keys(), sorted(set(left) ^ set(right))
