@@ -200,9 +200,11 @@ def stiefel_columns(angles: torch.Tensor, dim: int, rank: int, n_layers: int,
 def adapter_output(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
     """s·U Λ Vᵀ applied to activations: x (..., d_in), u (d_out, K), v (d_in, K), diagonal = s·Λ (K,) → (..., d_out).
 
-    Costs K·(d_in + d_out) multiply-adds per token, as LoRA of rank K (spec §2.6).
+    Costs K·(d_in + d_out) multiply-adds per token, as LoRA of rank K (spec §2.6). V is laid out as LoRA's A
+    (K, d_in) rows: autograd then gets V's gradient as (K×n)·(n×d_in), not (d_in×n)·(n×K), whose K-wide output
+    ran 9× slower (CPU, one thread, MKL, d = 1024, 512 tokens, K = 8); the copy is only d_in·K values.
     """
-    return ((x @ v) * diagonal) @ u.T
+    return ((x @ v.mT.contiguous().mT) * diagonal) @ u.mT
 
 
 def delta_weight(u: torch.Tensor, v: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
