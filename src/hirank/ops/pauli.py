@@ -94,10 +94,11 @@ def _rotate(state: torch.Tensor, qubit: int, cos: torch.Tensor, sin: torch.Tenso
     axis = state.view(*state.shape[:-2], 1 << qubit, 2, -1)  # (..., 2^q, 2, 2^(n-q-1)·K)
     zero, one = axis.unbind(-2)
     cos, sin = cos[..., None, None], sin[..., None, None]
-    if torch.is_grad_enabled() and (state.requires_grad or cos.requires_grad or sin.requires_grad):
+    differentiable = torch.is_grad_enabled() and (state.requires_grad or cos.requires_grad or sin.requires_grad)
+    if differentiable or torch.compiler.is_compiling():  # (dynamo has no strided out=; inductor fuses the stack)
         rotated = torch.stack((torch.addcmul(cos * zero, sin, one, value=-1), torch.addcmul(cos * one, sin, zero)), -2)
         return rotated.view(state.shape)
-    # no autograd (the lean circuit's forward and reverse walk): written in place of a stack, one pass less
+    # eager, no autograd (the lean circuit's forward and reverse walk): written in place of a stack, one pass less
     rotated = torch.empty_like(axis)
     new_zero, new_one = rotated.unbind(-2)
     torch.mul(zero, cos, out=new_zero).addcmul_(sin, one, value=-1)
