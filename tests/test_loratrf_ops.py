@@ -99,3 +99,38 @@ def test_memory_lean_filter_matches_autograd_and_keeps_no_copy_of_h(transform, s
     # only the output is kept at full width (the next op keeps it anyway); h is recovered from it
     wide = [x for x in saved if x is not None and x.numel() >= h.numel()]
     assert len(wide) == 1 and wide[0].data_ptr() == out.data_ptr()
+
+
+def test_memory_lean_filter_runs_in_the_dtype_of_h_and_keeps_only_its_output():
+    """bf16 activations with float32 filter parameters (peft keeps adapters in float32): the filter computes in
+    bf16, so the tensor saved for backward is the bf16 output itself, not a float32 copy of it (issue 12)."""
+    tensors = _tensors()
+    h = tensors["h"].to(torch.bfloat16).requires_grad_()
+    t, C, D = (tensors[name].float().requires_grad_() for name in ("t", "C", "D"))
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        out = loratrf.filtered_output(h, t, D, C, "cosine")
+    assert out.dtype == torch.bfloat16
+    wide = [x for x in saved if x is not None and x.numel() >= h.numel()]
+    assert len(wide) == 1 and wide[0].data_ptr() == out.data_ptr()
+    expected = h.double() + loratrf.filter_delta(h.double(), t.double(), D.double(), C.double(), "cosine")
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+    out.sum().backward()
+    assert all(x.grad is not None and x.grad.dtype == x.dtype for x in (h, t, C, D))
+
+
+def test_diagonal_filter_recovers_h_near_a_zero_scale_without_a_host_sync():
+    """D_j near −1 with a saturated gate puts 1 + g·D_j near 0: h = y / (1 + g·D) is still exact to rounding, so
+    no data-dependent branch (a host sync on GPUs, a graph break under torch.compile) chooses to keep h."""
+    tensors = _tensors()
+    h, t = tensors["h"].requires_grad_(), (10 * tensors["t"]).requires_grad_()  # dot gate: mostly saturated at 1
+    D = torch.full((WIDTH,), -0.999, dtype=torch.float64)
+    D[::2] = 0.5
+    D.requires_grad_()
+    compiled = torch.compile(loratrf.filtered_output, backend="eager", fullgraph=True)
+    out = compiled(h, t, D, None, "dot")
+    expected = h + loratrf.filter_delta(h, t, D, None, "dot")
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-13)
+    grad = torch.randn_like(out)
+    for ours, reference in zip(torch.autograd.grad(out, (h, t, D), grad), torch.autograd.grad(expected, (h, t, D), grad)):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)

@@ -130,6 +130,8 @@ def train_and_evaluate(
     model, optimizer, train_loader, validation_loader, test_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, validation_loader, test_loader, scheduler
     )
+    # FSDP2 (fully_shard) replaces the parameters by sharded DTensors: clip and check the prepared model's own
+    trainable = [p for p in model.parameters() if p.requires_grad]
     result = TrainResult()
     step_times: list[float] = []
     best_state: dict[str, torch.Tensor] = {}

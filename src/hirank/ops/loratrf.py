@@ -72,20 +72,21 @@ def filter_delta(
     return enhance(h, gate, D, C)
 
 
-# Below which |1 + g·D_j| the diagonal filter keeps its input h for backward instead of recovering h = y / (1 + g·D)
-# (division would lose precision); D starts at 0, so in practice h is recovered.
-_MIN_DIAGONAL_SCALE = 0.25
-
-
 class _FilteredOutput(torch.autograd.Function):
-    """y = h + g·h·T (low_rank T = C·D, or diagonal T = diag(D)) saving only y and per-token scalars (k + 2 floats)
+    """y = h + g·h·T (low_rank T = C·D, or diagonal T = diag(D)) saving only y and per-token scalars (k + 2 values)
     for backward: h is recovered from y (low_rank: h = y − (g·hC)·D; diagonal: h = y / (1 + g·D)) and y is what
     the next op saves anyway (GELU, attention), so the filter adds ≈ nothing to activation memory where autograd's
-    own path keeps h, h·t, |h|, hC, ... Gradients follow :func:`filter_delta` (clamp and clamp_min pass the bounds)."""
+    own path keeps h, h·t, |h|, hC, ... Gradients follow :func:`filter_delta` (clamp and clamp_min pass the bounds).
+
+    Everything runs in h's dtype (the caller casts t, C, D to it), so that y is the very tensor the next op saves.
+    Diagonal: y / s with the same s recomputed is h to two roundings for any s ≠ 0; s = 1 + g·D_j lies between 1
+    and 1 + D_j (g ∈ [0, 1]), so it is never 0 while every D_j > −1. Where it is exactly 0 (a feature with
+    D_j ≤ −1 that the filter erases), y holds nothing of h and backward counts h as 0 there: no host sync decides.
+    """
 
     @staticmethod
     def forward(ctx, h, task_vector, D, C, cosine: bool, mask, eps: float):  # type: ignore[override]
-        # in the parameters' dtype even under autocast: backward (which runs without autocast) reuses y and u
+        # in h's dtype even under autocast: backward (which runs without autocast) reuses y and u
         with torch.autocast(h.device.type, enabled=False):
             return _FilteredOutput._forward(ctx, h, task_vector, D, C, cosine, mask, eps)
 
@@ -102,24 +103,20 @@ class _FilteredOutput(torch.autograd.Function):
         gate = cosine_score.clamp(0.0, 1.0)
         if mask is not None:
             gate = gate * mask
-        saved_h = None
         if C is not None:  # y = h + (g·hC)·D
             y = torch.addmm(h, gate.unsqueeze(-1) * projected[:, :-1], D)
             u = projected[:, :-1]
         else:  # y = h ⊙ (1 + g·D)
-            scale = torch.addcmul(torch.ones_like(D), gate.unsqueeze(-1), D)  # (n, d) transient
-            y = h * scale
+            y = h * torch.addcmul(torch.ones_like(D), gate.unsqueeze(-1), D)  # the (n, d) scale is transient
             u = None
-            if bool(scale.abs().amin() < _MIN_DIAGONAL_SCALE):
-                saved_h = h
         y = y.reshape(shape)
-        ctx.cosine, ctx.eps, ctx.keep_h = cosine, eps, saved_h is not None
-        ctx.save_for_backward(y, u, cosine_score, h_norm, t_norm, task_vector, D, C, mask, saved_h)
+        ctx.cosine, ctx.eps = cosine, eps
+        ctx.save_for_backward(y, u, cosine_score, h_norm, t_norm, task_vector, D, C, mask)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        y, u, cosine_score, h_norm, t_norm, task_vector, D, C, mask, saved_h = ctx.saved_tensors
+        y, u, cosine_score, h_norm, t_norm, task_vector, D, C, mask = ctx.saved_tensors
         shape = grad_y.shape
         dy = grad_y.reshape(-1, shape[-1])
         y = y.reshape(-1, shape[-1])
@@ -138,7 +135,7 @@ class _FilteredOutput(torch.autograd.Function):
             grad_u = g * dv
         else:
             scale = torch.addcmul(torch.ones_like(D), g, D)
-            h = saved_h if ctx.keep_h else y / scale
+            h = torch.where(scale == 0, 0.0, y / scale)  # see the class docstring
             hdy = h * dy
             grad_D = hdy.T @ gate  # (d,)
             grad_gate = hdy @ D
@@ -176,10 +173,13 @@ def filtered_output(
     last: int = 0,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """The filtered h: h + :func:`filter_delta`, memory-lean (:class:`_FilteredOutput`) for low_rank and
-    diagonal T; the dense T goes through autograd."""
+    """The filtered h: h + :func:`filter_delta`, in h's dtype (t, C, D are cast to it: under bf16 the filter
+    runs in bf16, like the layer around it), memory-lean (:class:`_FilteredOutput`) for low_rank and diagonal T;
+    the dense T goes through autograd."""
     if similarity not in SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}; choose one of {SIMILARITIES}.")
+    task_vector, D = task_vector.to(h.dtype), D.to(h.dtype)
+    C = None if C is None else C.to(h.dtype)
     if C is None and D.ndim == 2:
         return h + filter_delta(h, task_vector, D, C, similarity, first, last)
     mask = None

@@ -16,7 +16,7 @@ from .config import LoraTRFConfig
 class TaskFilter(nn.Module):
     """The task-aware filter of one adapter on one layer: h ↦ g·h·T with g = clamp(sim(h, t), 0, 1).
 
-    ``forward`` returns what the filter adds to h, in the filter's dtype. Parameters: ``task_vector`` t (d,),
+    ``forward`` returns what the filter adds to h; both run in h's dtype. Parameters: ``task_vector`` t (d,),
     ``C`` (d, k) for low_rank only, and ``D``, the zero-initialised last factor of T: D (k, d) for low_rank
     (T = C·D), T itself (d, d) for dense, diag(T) (d,) for diagonal.
     """
@@ -54,16 +54,14 @@ class TaskFilter(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         self._check_shape(h)
-        h = h.to(self.D.dtype)
-        return loratrf.filter_delta(h, self.task_vector, self.D, self.C, self.similarity, self.first, self.last)
+        C = None if self.C is None else self.C.to(h.dtype)
+        return loratrf.filter_delta(h, self.task_vector.to(h.dtype), self.D.to(h.dtype), C, self.similarity,
+                                    self.first, self.last)
 
     def filtered(self, h: torch.Tensor) -> torch.Tensor:
-        """h + forward(h), in h's dtype; memory-lean (autograd keeps y, not h: ``loratrf.filtered_output``)."""
+        """h + forward(h); memory-lean (autograd keeps y, not h: ``loratrf.filtered_output``)."""
         self._check_shape(h)
-        y = loratrf.filtered_output(
-            h.to(self.D.dtype), self.task_vector, self.D, self.C, self.similarity, self.first, self.last
-        )
-        return y.to(h.dtype)
+        return loratrf.filtered_output(h, self.task_vector, self.D, self.C, self.similarity, self.first, self.last)
 
     def transformation(self) -> torch.Tensor:
         """Dense T (d, d)."""
@@ -79,7 +77,7 @@ def apply_filters(h: torch.Tensor, filters: Iterable[TaskFilter]) -> torch.Tenso
     filters = list(filters)
     if len(filters) == 1:  # the usual case: one filter, memory-lean
         return filters[0].filtered(h)
-    edits = [task_filter(h).to(h.dtype) for task_filter in filters]
+    edits = [task_filter(h) for task_filter in filters]
     for edit in edits:
         h = h + edit
     return h
