@@ -17,6 +17,7 @@ from .compare import CompareOptions, compare
 from .report import TEST_ACCURACY, Row, build_report, group_rows, markdown_table
 from .results import RESULTS_FILE, load_records, write_atomically
 from .stats import mean_ranks
+from .timing import Key, TimingRatio, load_timings, spread_text, timing_ratios
 
 SUITE_REPORT = "suite.md"
 
@@ -113,9 +114,18 @@ def _score(row: Row) -> float | None:
     return row.mean(TEST_ACCURACY)
 
 
-def overall_table(per_task: dict[str, list[Row]]) -> str:
-    """Per method: tasks run, mean test accuracy over tasks, mean rank, mean adapter params, and mean step time and
-    peak memory as ratios to LoRA on the same task."""
+def _spread(values: list[float]) -> str:
+    """``"1.23 (1.10–1.40)"``: the mean and the range over tasks (``"1.23"`` if the range is one value)."""
+    return spread_text(statistics.fmean(values), min(values), max(values))
+
+
+def overall_table(
+    per_task: dict[str, list[Row]], timings: dict[str, dict[Key, TimingRatio]] | None = None
+) -> str:
+    """Per method: tasks run, mean test accuracy over tasks, mean rank, mean adapter params, and (from each task's
+    timing pass) step time and saved activations as ratios to LoRA on the same task, averaged over tasks (range
+    over tasks in brackets)."""
+    timings = timings or {}
     scores = {task: {row.method: _score(row) for row in rows if _score(row) is not None} for task, rows in per_task.items()}
     ranks = mean_ranks(scores)
     methods: dict[str, list[tuple[str, Row]]] = {}
@@ -123,30 +133,32 @@ def overall_table(per_task: dict[str, list[Row]]) -> str:
         for row in rows:
             methods.setdefault(row.method, []).append((task, row))
 
-    def ratio_to_lora(task: str, row: Row, key: str) -> float | None:
-        lora = next((r for r in per_task[task] if r.method == "lora"), None)
-        values = [record.get(key) for record in row.records]
-        base = [record.get(key) for record in lora.records] if lora else []
-        values, base = [v for v in values if v], [v for v in base if v]
-        return statistics.fmean(values) / statistics.fmean(base) if values and base else None
+    def ratios(entries: list[tuple[str, Row]]) -> list[TimingRatio]:
+        found = (
+            timings.get(task, {}).get((row.method, record["config_hash"]))
+            for task, row in entries
+            for record in (row.records or row.diverged)[:1]
+        )
+        return [ratio for ratio in found if ratio is not None]
 
     lines = [
-        "| method | tasks | mean test acc (%) | mean rank | adapter params | step ÷ LoRA | peak mem ÷ LoRA |",
+        "| method | tasks | mean test acc (%) | mean rank | adapter params | step ÷ LoRA | act. mem ÷ LoRA |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for method, entries in sorted(methods.items(), key=lambda item: ranks.get(item[0], float("inf"))):
         accuracies = [_score(row) for _, row in entries if _score(row) is not None]
-        params = statistics.fmean(record["trainable_params"] for _, row in entries for record in row.records)
-        step = [r for r in (ratio_to_lora(task, row, "step_time_s") for task, row in entries) if r is not None]
-        memory = [r for r in (ratio_to_lora(task, row, "peak_memory_mib") for task, row in entries) if r is not None]
+        runs = [record for _, row in entries for record in row.records + row.diverged]
+        params = statistics.fmean(record["trainable_params"] for record in runs)
+        timed = ratios(entries)
+        memory = [ratio.activations for ratio in timed if ratio.activations is not None]
         cells = [
             method,
             str(len(entries)),
             f"{statistics.fmean(accuracies):.1f}" if accuracies else "—",
             f"{ranks[method]:.2f}" if method in ranks else "—",
             f"{params:,.0f}",
-            f"{statistics.fmean(step):.2f}" if step else "—",
-            f"{statistics.fmean(memory):.2f}" if memory else "—",
+            _spread([ratio.step[0] for ratio in timed]) if timed else "—",
+            _spread(memory) if memory else "—",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -156,6 +168,7 @@ def build_suite_report(suite: Suite, folder: Path) -> str:
     """``suite.md``: the overall table, then each task's comparison table."""
     folder = Path(folder)
     per_task: dict[str, list[Row]] = {}
+    timings: dict[str, dict[Key, TimingRatio]] = {}
     sections = []
     for entry in suite.entries:
         records = load_records(folder / entry.folder_name / RESULTS_FILE)
@@ -164,8 +177,10 @@ def build_suite_report(suite: Suite, folder: Path) -> str:
             continue
         rows = group_rows(records)
         per_task[entry.folder_name] = rows
+        timings[entry.folder_name] = timing_ratios(load_timings(folder / entry.folder_name))
         sections.append(
-            f"## {entry.task} ({entry.model}, {entry.epochs} epochs)\n\n{markdown_table(rows)}\n\n"
+            f"## {entry.task} ({entry.model}, {entry.epochs} epochs)\n\n"
+            f"{markdown_table(rows, timings[entry.folder_name])}\n\n"
             f"Details: [{entry.folder_name}/report.md]({entry.folder_name}/report.md)\n"
         )
     text = "\n".join(
@@ -176,10 +191,12 @@ def build_suite_report(suite: Suite, folder: Path) -> str:
             "",
             "## Overall",
             "",
-            overall_table(per_task) if per_task else "no finished runs yet.",
+            overall_table(per_task, timings) if per_task else "no finished runs yet.",
             "",
             "Mean rank: rank 1 is the best test accuracy of a task (ties share), averaged over the tasks a method ran. "
-            "Step time and peak memory: each task's mean as a ratio to LoRA's on the same task, averaged over tasks.",
+            "Step time and activation memory: from each task's timing pass (every method's training step timed side by "
+            "side with LoRA's on the task's model; see a task's report), the ratio to LoRA averaged over tasks, with "
+            "the range over tasks in brackets; — where a task ran with `--no-timing`.",
             "",
             *sections,
         ]
