@@ -355,10 +355,11 @@ weights (— if the method cannot merge), and of the base model.
 
 
 def _timing_notes(folder: Path, timings: Mapping[Key, TimingRatio]) -> list[str]:
-    if not timings:
-        return ["Step time and memory above are each run's own, measured under whatever load the machine had "
-                f"during that run (no `{TIMING_FILE}`: the comparison ran with `--no-timing`).", ""]
     rows = load_timings(folder)
+    if not timings:
+        why = "no LoRA in its timing pass to divide by" if rows else "the comparison ran with `--no-timing`"
+        return ["Step time and memory above are each run's own, measured under whatever load the machine had "
+                f"during that run (no ratios from `{TIMING_FILE}`: {why}).", ""]
     latest = max(rows, key=lambda row: row["pass_id"])
     batch = "×".join(map(str, latest["batch"].get("input_ids", [])))
     return [
