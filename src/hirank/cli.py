@@ -277,7 +277,9 @@ def _list() -> int:
               f"{spec.paper_learning_rate_source})")
     print("suites (hirank suite NAME):")
     for name, suite in SUITES.items():
-        entries = ", ".join(f"{entry.model}/{entry.task}" for entry in suite.entries)
+        entries = ", ".join(
+            f"{entry.model}/{entry.task}{' (control)' if entry.control else ''}" for entry in suite.entries
+        )
         print(f"  {name:<12} {entries}")
     return 0
 

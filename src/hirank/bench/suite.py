@@ -3,8 +3,11 @@
 Each entry is an ordinary ``hirank compare`` in ``FOLDER/<model>-<task>/`` (so each is resumable on its own and
 ``hirank report`` works on it); ``FOLDER/suite.md`` holds one table per task and an overall table.
 
-Schedules: a task is only informative if LoRA beats the majority class on it. The epochs of ``glue-small`` are
-provisional (longer for the smaller tasks): they still have to be checked on the *validation* split with LoRA.
+Schedules: a task is only informative if LoRA beats the majority class on it, so each schedule was picked on the
+*validation* split with LoRA (seed 0, its tuned rate): the shortest number of epochs after which LoRA's best
+validation accuracy exceeds the majority class's. An entry that no affordable schedule makes learnable is kept as a
+*control* (its own table and report, which say that no method beats the references) and left out of the overall
+table, whose mean ranks it would only add noise to.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class SuiteEntry:
     eval_limit: int | None = None
     max_length: int = 128
     batch_size: int = 16
+    control: str = ""  # why this comparison is reported but left out of the overall table ("" for none)
 
     @property
     def folder_name(self) -> str:
@@ -59,16 +63,26 @@ class Suite:
     entries: tuple[SuiteEntry, ...]
 
 
+RTE_CONTROL = (
+    "MiniLM does not learn RTE from its 150 training pairs: LoRA stays at or below the majority class on validation "
+    "in every epoch of a 20-epoch schedule, so ranks on it are noise; run at 3 epochs as a control"
+)
+
 SUITES: dict[str, Suite] = {
     suite.name: suite
     for suite in (
         Suite(
             "glue-small",
-            "MiniLM on GLUE SST-2, MRPC and RTE, each with a schedule long enough for LoRA to beat the majority class",
+            "MiniLM on GLUE SST-2 and MRPC, each with a schedule long enough for LoRA to beat the majority class on "
+            "validation, and on RTE as a control (MiniLM does not learn it from 150 pairs)",
             (
+                # LoRA seed 0, best-epoch validation accuracy vs the larger class of validation (docs/harness.md):
+                # SST-2, 3 epochs (96 steps): 87% vs 62%.
                 SuiteEntry("minilm", "sst2", epochs=3),
+                # MRPC, 10 epochs (160 steps): 78% (epoch 8; epochs 1-7 at most 76%) vs 76%; 1 epoch: 76%.
                 SuiteEntry("minilm", "mrpc", epochs=10),
-                SuiteEntry("minilm", "rte", epochs=20),
+                # RTE: 150 training pairs are too few for MiniLM: 20 epochs (200 steps) reach 40-56% per epoch vs 58%.
+                SuiteEntry("minilm", "rte", epochs=3, control=RTE_CONTROL),
             ),
         ),
         Suite(
@@ -169,6 +183,7 @@ def build_suite_report(suite: Suite, folder: Path) -> str:
     folder = Path(folder)
     per_task: dict[str, list[Row]] = {}
     timings: dict[str, dict[Key, TimingRatio]] = {}
+    controls: list[str] = []
     sections = []
     for entry in suite.entries:
         records = load_records(folder / entry.folder_name / RESULTS_FILE)
@@ -176,11 +191,14 @@ def build_suite_report(suite: Suite, folder: Path) -> str:
             sections.append(f"## {entry.task} ({entry.model})\n\nno finished runs yet.\n")
             continue
         rows = group_rows(records)
-        per_task[entry.folder_name] = rows
-        timings[entry.folder_name] = timing_ratios(load_timings(folder / entry.folder_name))
+        task_timings = timing_ratios(load_timings(folder / entry.folder_name))
+        if entry.control:
+            controls.append(f"{entry.task} ({entry.model}): {entry.control}.")
+        else:
+            per_task[entry.folder_name], timings[entry.folder_name] = rows, task_timings
         sections.append(
-            f"## {entry.task} ({entry.model}, {entry.epochs} epochs)\n\n"
-            f"{markdown_table(rows, timings[entry.folder_name])}\n\n"
+            f"## {entry.task} ({entry.model}, {entry.epochs} epochs{', control' if entry.control else ''})\n\n"
+            f"{markdown_table(rows, task_timings)}\n\n"
             f"Details: [{entry.folder_name}/report.md]({entry.folder_name}/report.md)\n"
         )
     text = "\n".join(
@@ -197,6 +215,7 @@ def build_suite_report(suite: Suite, folder: Path) -> str:
             "Step time and activation memory: from each task's timing pass (every method's training step timed side by "
             "side with LoRA's on the task's model; see a task's report), the ratio to LoRA averaged over tasks, with "
             "the range over tasks in brackets; — where a task ran with `--no-timing`.",
+            *(["", "Left out of the overall table (controls): " + " ".join(controls)] if controls else []),
             "",
             *sections,
         ]
