@@ -6,6 +6,9 @@ see :class:`hirank.bench.results.RunClaim`) before training it, skips runs claim
 those to be recorded, taking over any whose process died. A run whose training diverges (NaN or infinite loss
 or gradient norm) is recorded with status ``diverged`` and the comparison goes on.
 
+After the runs, a timing pass (:mod:`hirank.bench.timing`) times one training step of every method side by side
+with LoRA's, for the report's ratios; its results are kept in ``timing.jsonl`` and redone only for new settings.
+
 Runs unchanged under ``accelerate launch`` / ``torchrun``: every process trains (DDP), the main process measures,
 saves and writes.
 """
