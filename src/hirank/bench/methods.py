@@ -97,6 +97,14 @@ TUNED_SOURCE = "best on SST-2 validation in a short MiniLM run (benchmarks/lr_sw
 #: Their rates are not tuned yet: LoRA's rates, until ``benchmarks/lr_sweep.py`` has been run for them.
 _PEER_RATE = "not tuned yet: LoRA's rate of this preset"
 PEERS = ("dora", "vera", "c3a", "fourierft", "lokr", "oft", "boft", "hira", "randlora")
+_PEFT_COMPARISON = "peft's method comparison (MetaMathQA, Llama-3.2-3B, 5000 steps), experiments/"
+#: ``paper`` rates of the peers whose recipe in peft's own method comparison sets one (the others use its default,
+#: the rate it gives LoRA too).
+_PEER_PAPER_RATES = {
+    "c3a": (3e-1, _PEFT_COMPARISON + "c3a/llama-3.2-3B-default"),
+    "hira": (4.5e-3, _PEFT_COMPARISON + "hira/llama-3.2-3B-rank32-lr4.5e-3"),
+    "lokr": (3e-3, _PEFT_COMPARISON + "lokr/llama-3.2-3B-rank32-factor4-lr0.003"),
+}
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
@@ -107,7 +115,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("mtlora", 5e-3, 5e-4, "MTLoRA official scripts, RoBERTa-base on SST-2"),
         MethodSpec("loratrf", 5e-3, 5e-4, _NO_RECIPE),
         MethodSpec("surm", 2e-3, 2e-3, "SURM official run_bert_glue.py, BERT-base on GLUE"),
-        *(MethodSpec(name, 5e-3, 5e-4, _PEER_RATE, tuned_source=_PEER_RATE) for name in PEERS),
+        *(MethodSpec(name, 5e-3, *_PEER_PAPER_RATES.get(name, (5e-4, _PEER_RATE)), tuned_source=_PEER_RATE)
+          for name in PEERS),
     )
 }
 #: Names ``--methods`` accepts for sets: the default (LoRA and hirank's methods), ``peers`` (LoRA and peft's
