@@ -101,6 +101,7 @@ _SWEEP = "best of {grid} on SST-2 validation in a short MiniLM run, seed 0 (benc
 #: validation accuracy at each rate of the grid (3 epochs of 500 sentences, LoRA r=4's budget; LoRA: 87% at 5e-3).
 _PEER_TUNED_RATES = {
     "vera": (5e-2, _SWEEP.format(grid="5e-3, 5e-2", accuracies="56%, 78%")),
+    "fourierft": (5e-2, _SWEEP.format(grid="5e-3, 5e-2", accuracies="65%, 80%")),
 }
 PEERS = ("dora", "vera", "c3a", "fourierft", "lokr", "oft", "boft", "hira", "randlora")
 _PEFT_COMPARISON = "peft's method comparison (MetaMathQA, Llama-3.2-3B, 5000 steps), experiments/"
