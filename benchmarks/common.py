@@ -1,5 +1,7 @@
 """Shared helpers for the benchmark scripts (not tests): a BERT-like model, step/forward timers, a one-Linear
-module and the pieces the single-layer and encoder tables share.
+module and the pieces the single-layer and encoder tables share. The timers, train steps and the saved-activation
+measure are the package's (``hirank.bench.timing``, which ``hirank compare``'s timing pass uses too), bound here
+to the benchmark device.
 
 Run a benchmark as ``.venv/bin/python benchmarks/<name>.py``; each prints a small table. Set
 ``HIRANK_BENCH_DEVICE=cuda`` to run the models and batches on a GPU (timers then synchronize).
@@ -20,6 +22,10 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from hirank.analysis import trainable_parameters
+from hirank.bench import timing
+from hirank.bench.timing import (  # noqa: F401  (re-exported: the benchmarks import them from here)
+    saved_activation_bytes, shared_copy, tensor_step, train_step,
+)
 
 DEVICE = torch.device(os.environ.get("HIRANK_BENCH_DEVICE", "cpu"))
 
@@ -32,8 +38,7 @@ def use_device(name: str) -> torch.device:
 
 
 def synchronize() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+    timing.synchronize(DEVICE)
 
 
 def argument_parser(description: str | None, threads: int, threads_help: str | None = None) -> argparse.ArgumentParser:
@@ -86,55 +91,20 @@ def median_seconds(fn: Callable[[], object], repeats: int = 10, warmup: int = 2)
 
 
 def clock() -> Callable[[], float]:
-    """On CPU with one torch thread, the CPU time of this thread (time slices taken by other processes on a
-    shared machine do not count); otherwise wall time."""
-    return time.thread_time if DEVICE.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+    """:func:`hirank.bench.timing.clock` on this process's benchmark device."""
+    return timing.clock(DEVICE)
 
 
 def interleaved_seconds(
     steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 2, progress: Callable[[int], None] | None = None
 ) -> dict[str, list[float]]:
-    """Times (by :func:`clock`) of each step in each of ``rounds`` rounds that run every step once, in turn, so
-    that changes in machine load hit all methods alike; ``progress(round)`` is called after each round."""
-    now = clock()
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for round_index in range(rounds):
-        for name, step in steps.items():
-            synchronize()
-            start = now()
-            step()
-            synchronize()
-            times[name].append(now() - start)
-        if progress is not None:
-            progress(round_index)
-    return times
+    """:func:`hirank.bench.timing.interleaved_seconds` on this process's benchmark device."""
+    return timing.interleaved_seconds(steps, rounds, warmup, progress, device=DEVICE)
 
 
 def best_seconds(steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
     """Best time of each step over :func:`interleaved_seconds` rounds (the minimum filters load out)."""
     return {name: min(times) for name, times in interleaved_seconds(steps, rounds, warmup).items()}
-
-
-def saved_activation_bytes(run: Callable[[], torch.Tensor], model: nn.Module) -> int:
-    """Bytes autograd keeps for backward while ``run()`` computes a loss (then back-propagated): every distinct
-    storage saved by an op, the model's parameters and buffers (and views of them) excluded. Deterministic, so
-    it compares methods on a loaded machine where timings cannot."""
-    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights and storage.device.type != "meta":
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = run()
-    loss.backward()
-    return sum(saved.values())
 
 
 class LinearStack(nn.Module):
@@ -160,36 +130,6 @@ def batch(batch_size: int = 8, seq_len: int = 128, seed: int = 0) -> dict[str, t
         "input_ids": torch.randint(0, 1000, (batch_size, seq_len), generator=generator).to(DEVICE),
         "labels": torch.randint(0, 2, (batch_size,), generator=generator).to(DEVICE),
     }
-
-
-def train_step(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
-    """One forward + backward + AdamW step of ``model`` (put in train mode) on ``inputs``, as a closure."""
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
-        optimizer.zero_grad()
-        model(**inputs).loss.backward()
-        optimizer.step()
-
-    return step
-
-
-def tensor_step(model: nn.Module, x: torch.Tensor, train: bool = True) -> Callable[[], None]:
-    """Forward of ``model`` on the tensor ``x``, backward of the mean square (+ AdamW on the trainable parameters
-    when ``train``), as a closure."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if train else None
-
-    def step() -> None:
-        x.grad = None
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-        model(x).float().square().mean().backward()
-        if optimizer is not None:
-            optimizer.step()
-
-    return step
 
 
 def train_step_seconds(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 10) -> float:

@@ -44,6 +44,7 @@ def main() -> None:
         options = CompareOptions(
             model=args.model, task=args.task, methods=methods, budget=args.budget, seeds=args.seeds,
             learning_rates={"*": rate}, out=args.out / f"lr-{rate:g}",
+            references=False, timing=False,  # a sweep compares the methods' accuracies only
         )
         records = load_records(options.output_dir() / RESULTS_FILE) if args.no_train else compare(options)
         for record in records:

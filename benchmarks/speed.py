@@ -23,7 +23,6 @@ elsewhere.
 
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import platform
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 import hirank  # noqa: E402
 from common import (  # noqa: E402
-    LinearStack, argument_parser, interleaved_seconds, parse_args, saved_activation_bytes, tensor_step,
+    LinearStack, argument_parser, interleaved_seconds, parse_args, saved_activation_bytes, shared_copy, tensor_step,
 )
 from hirank.analysis import match_budget  # noqa: E402
 from hirank.budget import (  # noqa: E402
@@ -101,11 +100,6 @@ class Row:
     @property
     def label(self) -> str:
         return self.method if self.setting.startswith("budget") else f"{self.method} ({self.setting})"
-
-
-def shared_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters are the very same tensors (adapters wrap them; nothing copies d×d)."""
-    return copy.deepcopy(model, {id(p): p for p in model.parameters()})
 
 
 def measure_memory(row: Row, model: nn.Module, x: torch.Tensor) -> None:

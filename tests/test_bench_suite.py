@@ -51,3 +51,24 @@ def test_cli_suite_and_list(capsys: pytest.CaptureFixture, tmp_path: Path) -> No
     listed = capsys.readouterr().out
     assert "peers = lora,dora,vera,c3a,fourierft,lokr,oft,boft,hira,randlora" in listed
     assert "  c3a " in listed and "not tuned yet" in listed and "glue-small   minilm/sst2, minilm/mrpc, minilm/rte" in listed
+
+
+def test_a_control_entry_is_reported_but_left_out_of_the_overall_table(tmp_path: Path) -> None:
+    from hirank.bench.results import RESULTS_FILE, append_record
+    from hirank.bench.suite import Suite, SuiteEntry, build_suite_report
+
+    suite = Suite("s", "two tasks", (SuiteEntry("m", "sst2"), SuiteEntry("m", "rte", control="not learned")))
+    base = {"model": "m", "budget": "b", "target_params": 10, "knobs": {}, "status": "finished", "trainable_params": 10}
+    for entry, (lora, quanta) in zip(suite.entries, [(0.8, 0.7), (0.4, 0.6)], strict=True):
+        for method, accuracy in (("lora", lora), ("quanta", quanta)):
+            append_record(tmp_path / entry.folder_name / RESULTS_FILE,
+                          {**base, "task": entry.task, "method": method, "seed": 0, "config_hash": method,
+                           "test_accuracy": accuracy})
+    text = build_suite_report(suite, tmp_path)
+    overall = text.split("## Overall")[1].split("\n## ")[0]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in overall.splitlines() if line.startswith("| ")}
+    # only SST-2 counts: LoRA first with 80.0%, quanta second (on RTE, quanta would have won)
+    assert [cell.strip() for cell in rows["lora"][2:5]] == ["1", "80.0", "1.00"]
+    assert [cell.strip() for cell in rows["quanta"][2:5]] == ["1", "70.0", "2.00"]
+    assert "Left out of the overall table (controls): rte (m): not learned." in overall
+    assert "## rte (m, 3 epochs, control)" in text and "| quanta |" in text.split("## rte")[1]

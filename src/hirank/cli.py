@@ -132,6 +132,12 @@ def _parser() -> argparse.ArgumentParser:
         help="skip the reference run without an adapter (head only for classification, zero shot for multiple "
         "choice) that every report shows beside the methods",
     )
+    compare.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="skip the timing pass after the runs (every method's training step timed side by side with LoRA's, "
+        "for the report's step and memory ratios)",
+    )
 
     suite = commands.add_parser(
         "suite",
@@ -152,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     suite.add_argument("--seeds", type=_number("--seeds"), default=3, help="seeds 0..N-1 per method")
     suite.add_argument("--out", type=Path, default=None, help="output folder (default: results/suite-<name>)")
     suite.add_argument("--no-references", action="store_true", help="skip the reference runs without an adapter")
+    suite.add_argument("--no-timing", action="store_true", help="skip each comparison's timing pass")
 
     report = commands.add_parser(
         "report", help="rebuild report.md and the plots of a comparison folder", formatter_class=_HelpFormatter
@@ -193,6 +200,7 @@ def _compare(args: argparse.Namespace) -> int:
         out=args.out,
         trust_remote_code=args.trust_remote_code,
         references=not args.no_references,
+        timing=not args.no_timing,
     )
     # everything that needs no model first (the output folder before anything else), then the model's config
     check_output_folder(options.output_dir())
@@ -224,7 +232,13 @@ def _suite(args: argparse.Namespace) -> int:
     suite = get_suite(args.name)
     folder = args.out or Path("results") / f"suite-{suite.name}"
     check_output_folder(folder)
-    base = CompareOptions(methods=args.methods, budget=args.budget, seeds=args.seeds, references=not args.no_references)
+    base = CompareOptions(
+        methods=args.methods,
+        budget=args.budget,
+        seeds=args.seeds,
+        references=not args.no_references,
+        timing=not args.no_timing,
+    )
     check_options(base)
     read_budget(base.budget)
     print(run_suite(suite, base, folder))
@@ -263,7 +277,9 @@ def _list() -> int:
               f"{spec.paper_learning_rate_source})")
     print("suites (hirank suite NAME):")
     for name, suite in SUITES.items():
-        entries = ", ".join(f"{entry.model}/{entry.task}" for entry in suite.entries)
+        entries = ", ".join(
+            f"{entry.model}/{entry.task}{' (control)' if entry.control else ''}" for entry in suite.entries
+        )
         print(f"  {name:<12} {entries}")
     return 0
 

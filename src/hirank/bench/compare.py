@@ -6,6 +6,9 @@ see :class:`hirank.bench.results.RunClaim`) before training it, skips runs claim
 those to be recorded, taking over any whose process died. A run whose training diverges (NaN or infinite loss
 or gradient norm) is recorded with status ``diverged`` and the comparison goes on.
 
+After the runs, a timing pass (:mod:`hirank.bench.timing`) times one training step of every method side by side
+with LoRA's, for the report's ratios; its results are kept in ``timing.jsonl`` and redone only for new settings.
+
 Runs unchanged under ``accelerate launch`` / ``torchrun``: every process trains (DDP), the main process measures,
 saves and writes.
 """
@@ -51,6 +54,7 @@ from .models import PACKAGED_MODELS, LoadedModel, load_model
 from .options import check_options
 from .results import DIVERGED, FINISHED, RESULTS_FILE, Record, RunClaim, append_record, load_records, run_id
 from .tasks import ClassificationTask, Splits, Task, general_text, get_task
+from .timing import TIMING_FILE, TimedModel, load_timings, timing_pass, untimed
 from .train import TrainConfig, TrainResult, evaluate_untrained, train_and_evaluate
 
 
@@ -74,6 +78,7 @@ class CompareOptions:
     eval_limit: int | None = None  # use only the first N validation and test examples (smoke tests)
     general_text_pairs: int = 128
     references: bool = True  # also run the no-adapter reference (head only / zero shot), see REFERENCES
+    timing: bool = True  # after the runs, time every method side by side (hirank.bench.timing); not in the run hash
     out: Path | None = None
     trust_remote_code: bool = False  # let a model folder / hub id run its own code (auto_map); not in the run hash
 
@@ -159,16 +164,19 @@ def _validate(options: CompareOptions, task: Task) -> None:
 
 
 def _load(options: CompareOptions, task: Task, accelerator: Accelerator) -> LoadedModel:
-    num_labels = task.num_labels if isinstance(task, ClassificationTask) else 2
-    targets = list(options.target_modules) if options.target_modules else None
     with accelerator.main_process_first():  # a first load may convert and cache a checkpoint
-        return load_model(
-            options.model,
-            task.kind,
-            num_labels=num_labels,
-            target_modules=targets,
-            trust_remote_code=options.trust_remote_code,
-        )
+        return _load_here(options, task)
+
+
+def _load_here(options: CompareOptions, task: Task) -> LoadedModel:
+    """The comparison's model, loaded by this process alone."""
+    return load_model(
+        options.model,
+        task.kind,
+        num_labels=task.num_labels if isinstance(task, ClassificationTask) else 2,
+        target_modules=list(options.target_modules) if options.target_modules else None,
+        trust_remote_code=options.trust_remote_code,
+    )
 
 
 def plan_runs(
@@ -319,7 +327,55 @@ def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> 
         pending = busy
     progress.set_postfix_str("done")
     progress.close()
+    if options.timing:
+        _time_methods(options, task, splits, plans, accelerator)
     return [record for record in load_records(results_path, warn_skipped=False) if run_id(record) in ids]
+
+
+TIMING_CLAIM = "timing-pass"  # the RunClaim name under which one process runs a folder's timing pass
+
+
+def _time_methods(
+    options: CompareOptions, task: Task, splits: Splits, plans: list[RunPlan], accelerator: Accelerator
+) -> None:
+    """The timing pass (:func:`hirank.bench.timing.timing_pass`) on the main process, for the methods of this
+    comparison not yet timed beside LoRA (with LoRA again): one training step on the first ``batch_size``
+    training examples, on the comparison's own model. Skipped while another process runs it."""
+    if accelerator.is_main_process:
+        folder = options.output_dir()
+        by_key = {(plan.method_name, plan.config_hash): plan for plan in plans if not plan.is_reference}
+        lora = next((key for key in by_key if key[0] == "lora"), None)
+        claim = RunClaim(folder, TIMING_CLAIM)
+        if untimed(by_key, lora, load_timings(folder)) and claim.try_acquire():
+            try:
+                missing = untimed(by_key, lora, load_timings(folder))  # as of now that we hold the claim
+                if missing:
+                    keys = ([lora] if lora is not None and lora not in missing else []) + missing
+                    _run_timing_pass(options, task, splits, [by_key[key] for key in keys], accelerator.device)
+            finally:
+                claim.release()
+    accelerator.wait_for_everyone()
+
+
+def _run_timing_pass(
+    options: CompareOptions, task: Task, splits: Splits, plans: list[RunPlan], device: torch.device
+) -> None:
+    set_seed(0)
+    loaded = _load_here(options, task)  # main process only: the others wait
+    collated = task.train_collator(loaded.tokenizer, options.max_length)(splits.train[: options.batch_size])
+    inputs = {key: value.to(device) for key, value in collated.items()}
+    base = loaded.model.to(device)
+
+    def builder(plan: RunPlan) -> TimedModel:
+        config = plan.method.make_config(loaded.target_modules, plan.match.knobs, modules_to_save=loaded.head_modules)
+        return TimedModel(plan.method_name, plan.config_hash, lambda model: get_peft_model(model, config))
+
+    names = ", ".join(plan.method_name for plan in plans)
+    print(
+        f"hirank compare: timing one training step of {names} side by side on a batch of "
+        f"{'×'.join(map(str, inputs['input_ids'].shape))} tokens → {options.output_dir() / TIMING_FILE}"
+    )
+    timing_pass(base, [builder(plan) for plan in plans], inputs, options.output_dir(), device)
 
 
 def _recorded(results_path: Path, ids: set[str], accelerator: Accelerator) -> dict[str, Record]:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import io
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .methods import METHODS, format_knobs
 from .results import DIVERGED, RESULTS_FILE, Record, ResultsFileError, load_records, run_id, warn, write_atomically
 from .stats import PairedDifference, paired_difference, seed_values
+from .timing import TIMING_FILE, Key, TimingRatio, load_timings, timing_ratios
 
 ACCURACY_PLOT = "accuracy_vs_params.png"
+PEAK_MEMORY_HEADER = "peak mem (MiB)"
 STEP_TIME_PLOT = "step_time.png"
 
 
@@ -49,7 +51,7 @@ COLUMNS = (
     Column("eff. rank ΔW", _key("effective_rank_mean"), "{:.1f}", "max"),
     Column("train time (s)", _key("train_time_s"), "{:.1f}", "min"),
     STEP_TIME,
-    Column("peak mem (MiB)", _key("peak_memory_mib"), "{:.0f}", "min"),
+    Column(PEAK_MEMORY_HEADER, _key("peak_memory_mib"), "{:.0f}", "min"),
     Column("adapter file (KiB)", _key("adapter_file_bytes", 1 / 1024), "{:.0f}", "min", spread=False),
     Column("fwd unmerged (ms)", _key("forward_unmerged_s", 1000), "{:.1f}", "min"),
     Column("fwd merged (ms)", _key("forward_merged_s", 1000), "{:.1f}", "min"),
@@ -135,21 +137,48 @@ def group_rows(records: list[Record]) -> list[Row]:
     return sorted(rows, key=lambda row: (order.index(row.method) if row.method in order else len(order), row.knobs))
 
 
-def markdown_table(rows: list[Row]) -> str:
-    """The comparison table (mean ± std over seeds; best of each ranked column in bold)."""
+STEP_RATIO_HEADER = "step ÷ LoRA"
+ACTIVATIONS_RATIO_HEADER = "act. mem ÷ LoRA"
+PEAK_RATIO_HEADER = "peak ÷ LoRA"
+
+
+def _timing_cells(row: Row, timings: Mapping[Key, TimingRatio], peak: bool) -> dict[str, str]:
+    """The timing pass's cells of ``row`` (see :mod:`hirank.bench.timing`): "—" where it was not timed."""
+    ratio = timings.get((row.method, row.records[0]["config_hash"])) if row.records else None
+    if ratio is None and row.diverged:
+        ratio = timings.get((row.method, row.diverged[0]["config_hash"]))
+    cells = {
+        STEP_RATIO_HEADER: TimingRatio.cell(ratio.step) if ratio else "—",
+        ACTIVATIONS_RATIO_HEADER: f"{ratio.activations:.2f}" if ratio and ratio.activations is not None else "—",
+    }
+    if peak:
+        cells[PEAK_RATIO_HEADER] = f"{ratio.peak:.2f}" if ratio and ratio.peak is not None else "—"
+    return cells
+
+
+def markdown_table(rows: list[Row], timings: Mapping[Key, TimingRatio] | None = None) -> str:
+    """The comparison table (mean ± std over seeds; best of each ranked column in bold). With ``timings`` (the
+    timing pass's ratios), its side-by-side step time replaces each run's own ``step (ms)``, and its memory
+    ratios follow the peak memory."""
+    timings = timings or {}
+    columns = [column for column in COLUMNS if not (timings and column is STEP_TIME)]
     best: dict[str, float | None] = {}
-    for column in COLUMNS:
+    for column in columns:
         means = [m for m in (row.mean(column) for row in rows) if m is not None]
         best[column.header] = (max if column.best == "max" else min)(means) if column.best and means else None
     lora = lora_row(rows)
-    headers = [column.header for column in COLUMNS]
+    headers = [column.header for column in columns]
+    peak = any(ratio.peak is not None for ratio in timings.values())
+    timing_headers = list(_timing_cells(Row("", "", []), timings, peak)) if timings else []
+    timing_at = headers.index(PEAK_MEMORY_HEADER) + 1
+    headers[timing_at:timing_at] = timing_headers
     delta_at = headers.index(TEST_ACCURACY.header) + 1
     if lora is not None:
         headers.insert(delta_at, DELTA_HEADER)
     lines = ["| method | knobs | seeds | " + " | ".join(headers) + " |", "|---|---|---:|" + "---:|" * len(headers)]
     for row in rows:
         cells = []
-        for column in COLUMNS:
+        for column in columns:
             mean = row.mean(column)
             if mean is None and column is TEST_ACCURACY and row.diverged:
                 cells.append(row.diverged_text())
@@ -166,6 +195,8 @@ def markdown_table(rows: list[Row]) -> str:
                 best[column.header]
             )
             cells.append(f"**{text}**" if is_best and len(rows) > 1 else text)
+        if timings:
+            cells[timing_at:timing_at] = list(_timing_cells(row, timings, peak).values())
         if lora is not None:
             cells.insert(delta_at, "(baseline)" if row is lora else row.versus(lora).describe(scale=100))
         name = f"{row.method} (reference)" if row.is_reference else row.method
@@ -252,22 +283,35 @@ def _save(figure: object, path: Path) -> None:
     write_atomically(path, png.getvalue())
 
 
-def _plot_step_time(rows: list[Row], path: Path) -> None:
+def _plot_step_time(rows: list[Row], path: Path, timings: Mapping[Key, TimingRatio]) -> None:
+    """Bars: the timing pass's step time ÷ LoRA (median, whiskers min–max over rounds) if there is one, else each
+    row's median training step (± std over seeds)."""
     import matplotlib.pyplot as plt
 
+    if timings:
+        rows = [row for row in rows if not row.is_reference]
     labels = [
         row.method if len({r.method for r in rows}) == len(rows) else f"{row.method}\n{row.knobs}" for row in rows
     ]
     figure, axes = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 2), 4.0))
-    bars = axes.bar(
-        labels, [row.mean(STEP_TIME) or 0.0 for row in rows], yerr=[row.std(STEP_TIME) for row in rows], capsize=4
-    )
+    if timings:
+        ratios = [timings.get((row.method, (row.records or row.diverged)[0]["config_hash"])) for row in rows]
+        heights = [ratio.step[0] if ratio else 0.0 for ratio in ratios]
+        errors = [[h - r.step[1] if r else 0.0 for h, r in zip(heights, ratios, strict=True)],
+                  [r.step[2] - h if r else 0.0 for h, r in zip(heights, ratios, strict=True)]]
+        bars = axes.bar(labels, heights, yerr=errors, capsize=4)
+        axes.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        axes.set_ylabel("training step time ÷ LoRA (timing pass)")
+    else:
+        bars = axes.bar(
+            labels, [row.mean(STEP_TIME) or 0.0 for row in rows], yerr=[row.std(STEP_TIME) for row in rows], capsize=4
+        )
+        axes.set_ylabel("median optimizer step time (ms)")
     for bar, row in zip(bars, rows, strict=True):
         if row.diverged:
             text = "diverged" if not row.records else f"{len(row.diverged)} diverged"
             axes.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                           color="red", fontsize=8, xytext=(0, 2), textcoords="offset points")
-    axes.set_ylabel("median optimizer step time (ms)")
     axes.set_title("Training step time per method")
     axes.grid(True, axis="y", alpha=0.3)
     _save(figure, path)
@@ -301,12 +345,33 @@ majority class, or chance for multiple choice).
 the adapters enabled minus disabled; encoders: in-batch contrastive sentence-embedding loss, causal LMs: \
 next-token loss. Lower is better; 0 means nothing forgotten.
 - **eff. rank ΔW**: numerical rank of each adapted layer's dense update, mean over layers.
-- **train time**: wall time of the training epochs; **step**: median optimizer step; **peak mem**: {memory}.
+- **train time**: wall time of the training epochs; **step**: median optimizer step of the run (shown only \
+without a timing pass); **peak mem**: {memory}.
 - **seeds**: finished runs (the means); "+ N diverged": runs stopped at the first step whose loss or gradient \
 norm was NaN or infinite (not in the means, no adapter saved; marked in the plots).
 - **fwd**: median forward time of one 16-example test batch with the adapters unmerged, merged into the \
 weights (— if the method cannot merge), and of the base model.
 """
+
+
+def _timing_notes(folder: Path, timings: Mapping[Key, TimingRatio]) -> list[str]:
+    rows = load_timings(folder)
+    if not timings:
+        why = "no LoRA in its timing pass to divide by" if rows else "the comparison ran with `--no-timing`"
+        return ["Step time and memory above are each run's own, measured under whatever load the machine had "
+                f"during that run (no ratios from `{TIMING_FILE}`: {why}).", ""]
+    latest = max(rows, key=lambda row: row["pass_id"])
+    batch = "×".join(map(str, latest["batch"].get("input_ids", [])))
+    return [
+        f"- **step ÷ LoRA**: from the timing pass after training (`{TIMING_FILE}`): one training step (forward, "
+        f"backward, AdamW) of every method on one fixed batch ({batch} tokens) on this comparison's model, timed "
+        f"in {len(latest['seconds'])} interleaved rounds ({latest['clock']}, {latest['device']}), so that load "
+        "hits all methods alike: the median of the per-round ratios to LoRA (min–max in brackets). "
+        "**act. mem ÷ LoRA**: bytes autograd saves for backward in that step (deterministic)"
+        + ("; **peak ÷ LoRA**: peak CUDA memory of the step." if any(r.peak for r in timings.values()) else ".")
+        + f" Each run's own step time stays in `{RESULTS_FILE}` (`step_time_s`).",
+        "",
+    ]
 
 
 def _budget_notes(records: list[Record]) -> list[str]:
@@ -325,9 +390,10 @@ def build_report(folder: Path) -> str:
         raise ResultsFileError(f"no finished runs in {folder / RESULTS_FILE}.")
     rows = group_rows(records)
     records = [record for row in rows for record in row.records + row.diverged]  # each run once
-    table = markdown_table(rows)
+    timings = timing_ratios(load_timings(folder))
+    table = markdown_table(rows, timings)
     _plot_accuracy(rows, folder / ACCURACY_PLOT)
-    _plot_step_time(rows, folder / STEP_TIME_PLOT)
+    _plot_step_time(rows, folder / STEP_TIME_PLOT, timings)
     first = records[0]
     kinds = sorted({record.get("memory_kind") or "cpu_peak_rss" for record in records})
     memory = "; ".join(MEMORY_LEGEND.get(kind, kind) for kind in kinds)
@@ -344,6 +410,7 @@ def build_report(folder: Path) -> str:
             table,
             "",
             _NOTES.format(target=first["target_params"], memory=memory),
+            *_timing_notes(folder, timings),
             *_budget_notes(records),
             f"![test accuracy vs trainable parameters]({ACCURACY_PLOT})",
             "",
