@@ -36,7 +36,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 import hirank  # noqa: E402
 from common import (  # noqa: E402
-    DEVICE, adapted, argument_parser, batch, best_seconds, clock, dense_delta_forward, layer_step, parse_args,
+    DEVICE, LinearStack, adapted, argument_parser, batch, best_seconds, clock, dense_delta_forward, layer_step,
+    parse_args,
     interleaved_seconds, print_table, saved_activation_bytes, tensor_step, train_step,
 )
 from hirank.ops import structured  # noqa: E402
@@ -141,7 +142,6 @@ def model_table(seq_len: int, rounds: int) -> None:
     print_table(rows)
 
 
-MLP_LAYERS = [f"lin{i}" for i in range(4)]
 #: Issue 12's SURM rows: each structure at its default size, LDR also at LoRA r=8's budget (2·r·d = 16·d: r = 8).
 MLP_VARIANTS = {
     "circulant": {"structure": "circulant"},
@@ -152,24 +152,10 @@ MLP_VARIANTS = {
 }
 
 
-class GeluMlp(nn.Module):
-    """4 Linear layers of width d with GELU between (issue 12's benchmark model)."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        for name in MLP_LAYERS:
-            setattr(self, name, nn.Linear(d, d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, name in enumerate(MLP_LAYERS):
-            x = getattr(self, name)(x if i == 0 else nn.functional.gelu(x))
-        return x
-
-
-def mlp_configs() -> dict[str, PeftConfig]:
-    """peft LoRA r=8 (the reference) and the SURM rows of issue 12, all on the 4 Linear layers."""
-    configs: dict[str, PeftConfig] = {"peft lora r=8": LoraConfig(target_modules=MLP_LAYERS, r=8, lora_alpha=16)}
-    configs |= {f"surm {name}": hirank.SurmConfig(target_modules=MLP_LAYERS, init_weights=False, **knobs)
+def mlp_configs(targets: list[str]) -> dict[str, PeftConfig]:
+    """peft LoRA r=8 (the reference) and the SURM rows of issue 12, all on the layers ``targets``."""
+    configs: dict[str, PeftConfig] = {"peft lora r=8": LoraConfig(target_modules=targets, r=8, lora_alpha=16)}
+    configs |= {f"surm {name}": hirank.SurmConfig(target_modules=targets, init_weights=False, **knobs)
                 for name, knobs in MLP_VARIANTS.items()}
     return configs
 
@@ -182,9 +168,10 @@ def mlp_table(dims: list[int], token_counts: list[int], rounds: int) -> list[dic
             torch.manual_seed(0)
             x = torch.randn(tokens, d, device=DEVICE)
             models = {}
-            for name, config in mlp_configs().items():
+            targets = LinearStack(d).target_modules()
+            for name, config in mlp_configs(targets).items():
                 torch.manual_seed(0)
-                models[name] = get_peft_model(GeluMlp(d), config).to(DEVICE)
+                models[name] = get_peft_model(LinearStack(d), config).to(DEVICE)
             memory = {name: saved_activation_bytes(lambda m=model: m(x).square().mean(), model) for name, model in models.items()}
             times = interleaved_seconds({name: tensor_step(model, x) for name, model in models.items()}, rounds, warmup=1)
             lora = statistics.median(times["peft lora r=8"])
