@@ -37,8 +37,8 @@ def test_ratios_are_per_round_against_lora_of_the_same_pass() -> None:
     assert ratios[("quanta", "h")].step == (2.0, 1.0, 3.0) and ratios[("quanta", "h")].activations == 1.5
     assert ratios[("mtlora", "new")].step == (1.0, 0.5, 1.5) and ratios[("mtlora", "new")].activations == 0.5
     assert ratios[("lora", "h")].step == (1.0, 1.0, 1.0) and ratios[("quanta", "h")].peak is None
-    assert timing.TimingRatio.cell(ratios[("lora", "h")].step) == "1.00"
-    assert timing.TimingRatio.cell(ratios[("quanta", "h")].step) == "2.00 (1.00–3.00)"
+    assert timing.spread_text(*ratios[("lora", "h")].step) == "1.00"
+    assert timing.spread_text(*ratios[("quanta", "h")].step) == "2.00 (1.00–3.00)"
     # what still needs a pass: keys never timed beside the current LoRA
     keys = [("lora", "h"), ("quanta", "h"), ("mtlora", "newer"), ("surm", "h")]
     assert untimed(keys, ("lora", "h"), rows) == [("mtlora", "newer"), ("surm", "h")]

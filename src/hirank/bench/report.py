@@ -17,7 +17,7 @@ from pathlib import Path
 from .methods import METHODS, format_knobs
 from .results import DIVERGED, RESULTS_FILE, Record, ResultsFileError, load_records, run_id, warn, write_atomically
 from .stats import PairedDifference, paired_difference, seed_values
-from .timing import TIMING_FILE, Key, TimingRatio, load_timings, timing_ratios
+from .timing import TIMING_FILE, Key, TimingRatio, load_timings, spread_text, timing_ratios
 
 ACCURACY_PLOT = "accuracy_vs_params.png"
 PEAK_MEMORY_HEADER = "peak mem (MiB)"
@@ -148,7 +148,7 @@ def _timing_cells(row: Row, timings: Mapping[Key, TimingRatio], peak: bool) -> d
     if ratio is None and row.diverged:
         ratio = timings.get((row.method, row.diverged[0]["config_hash"]))
     cells = {
-        STEP_RATIO_HEADER: TimingRatio.cell(ratio.step) if ratio else "—",
+        STEP_RATIO_HEADER: spread_text(*ratio.step) if ratio else "—",
         ACTIVATIONS_RATIO_HEADER: f"{ratio.activations:.2f}" if ratio and ratio.activations is not None else "—",
     }
     if peak:

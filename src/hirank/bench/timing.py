@@ -257,12 +257,6 @@ class TimingRatio:
     activations: float | None
     peak: float | None
 
-    @staticmethod
-    def cell(stats: tuple[float, float, float]) -> str:
-        """``"1.23 (1.10–1.40)"``: median (min–max); just ``"1.00"`` when the range is one value (LoRA itself)."""
-        median, low, high = stats
-        return spread_text(median, low, high)
-
 
 def spread_text(center: float, low: float, high: float) -> str:
     """``"1.23 (1.10–1.40)"``, or ``"1.23"`` when the range prints as one value."""
