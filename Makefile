@@ -18,8 +18,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# One test process per core (at most 4; each runs torch on one thread, see tests/conftest.py), the slowest
+# tests spread by work stealing.
+PYTEST_PARALLEL := -n auto --maxprocesses 4 --dist worksteal
+
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_PARALLEL)
 
 compare: setup
 	HF_HUB_OFFLINE=1 $(BIN)/hirank compare
@@ -45,4 +49,4 @@ $(MIN_VENV)/.installed: pyproject.toml
 
 test-min: $(MIN_VENV)/.installed
 	$(MIN_VENV)/bin/pip list 2>/dev/null | grep -iE '^(torch|peft|transformers|trl|accelerate|bitsandbytes|gguf) '
-	HF_HUB_OFFLINE=1 $(MIN_VENV)/bin/python -m pytest $(MIN_TESTS)
+	HF_HUB_OFFLINE=1 $(MIN_VENV)/bin/python -m pytest $(PYTEST_PARALLEL) $(MIN_TESTS)
