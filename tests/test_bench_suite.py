@@ -38,7 +38,7 @@ def test_tiny_suite_runs_every_task_into_one_report_and_resumes(
 
 
 def test_unknown_suite_names_the_known_ones() -> None:
-    with pytest.raises(UnknownSuiteError, match="known suites: glue-small, commonsense, tiny"):
+    with pytest.raises(UnknownSuiteError, match="known suites: glue-small, commonsense, sst2-budgets, tiny"):
         get_suite("glue")
 
 
@@ -46,7 +46,7 @@ def test_cli_suite_and_list(capsys: pytest.CaptureFixture, tmp_path: Path) -> No
     from hirank import cli
 
     assert cli.main(["suite", "nosuch", "--out", str(tmp_path / "s")]) == 2
-    assert "unknown suite 'nosuch'; known suites: glue-small, commonsense, tiny" in capsys.readouterr().err
+    assert "unknown suite 'nosuch'; known suites: glue-small, commonsense, sst2-budgets, tiny" in capsys.readouterr().err
     assert cli.main(["list"]) == 0
     listed = capsys.readouterr().out
     assert "peers = lora,dora,vera,c3a,fourierft,lokr,oft,boft,hira,randlora" in listed
@@ -72,3 +72,36 @@ def test_a_control_entry_is_reported_but_left_out_of_the_overall_table(tmp_path:
     assert [cell.strip() for cell in rows["quanta"][2:5]] == ["1", "70.0", "2.00"]
     assert "Left out of the overall table (controls): rte (m): not learned." in overall
     assert "## rte (m, 3 epochs, control)" in text and "| quanta |" in text.split("## rte")[1]
+
+
+def test_a_budget_sweep_runs_each_budget_in_its_own_folder_and_tabulates_accuracy_against_params(
+    tmp_path: Path,
+) -> None:
+    from hirank.bench.results import RESULTS_FILE, append_record
+    from hirank.bench.suite import SWEEP_PLOT, Suite, SuiteEntry, build_suite_report
+
+    entries = tuple(SuiteEntry("m", "sst2", budget=budget) for budget in ("lora-r1", "lora-r8"))
+    assert [entry.folder_name for entry in entries] == ["m-sst2-lora-r1", "m-sst2-lora-r8"]
+    assert [entry.options(CompareOptions(budget="lora-r4"), tmp_path).budget for entry in entries] == [
+        "lora-r1", "lora-r8"]
+    assert SuiteEntry("m", "sst2").options(CompareOptions(budget="lora-r4"), tmp_path).budget == "lora-r4"
+    base = {"model": "m", "task": "sst2", "knobs": {}, "status": "finished", "target_params": 10}
+    runs = {  # entry: method: (params, accuracies over seeds)
+        entries[0]: {"lora": (100, [0.70, 0.72]), "quanta": (90, [0.80, 0.82]), "head_only": (0, [0.6, 0.6])},
+        entries[1]: {"lora": (800, [0.84, 0.86]), "quanta": (700, [0.85, 0.85]), "head_only": (0, [0.6, 0.6])},
+    }
+    for entry, methods in runs.items():
+        for method, (params, accuracies) in methods.items():
+            for seed, accuracy in enumerate(accuracies):
+                append_record(tmp_path / entry.folder_name / RESULTS_FILE,
+                              {**base, "budget": entry.budget, "method": method, "seed": seed, "config_hash": method,
+                               "trainable_params": params, "test_accuracy": accuracy,
+                               "reference": method == "head_only"})
+    text = build_suite_report(Suite("sweep", "two budgets", entries), tmp_path)
+    sweep = text.split("## Accuracy vs adapter budget")[1].split("\n## ")[0]
+    assert "| method | lora-r1 | lora-r8 |" in sweep
+    assert "| lora | 71.0 ± 1.4 (100) | 85.0 ± 1.4 (800) |" in sweep
+    assert "| quanta | 81.0 ± 1.4 (90) | 85.0 ± 0.0 (700) |" in sweep
+    assert "head_only" not in sweep.split("![")[0]  # a reference has no adapter budget: not a row of the sweep
+    assert (tmp_path / SWEEP_PLOT).stat().st_size > 0
+    assert "## sst2 (m, 3 epochs, budget lora-r1)" in text and "## sst2 (m, 3 epochs, budget lora-r8)" in text

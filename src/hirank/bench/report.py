@@ -269,10 +269,10 @@ def _plot_accuracy(rows: list[Row], path: Path) -> None:
     axes.set_title("Accuracy vs trainable parameters")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8, loc="best")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
-def _save(figure: object, path: Path) -> None:
+def save_figure(figure: object, path: Path) -> None:
     """Write the figure as PNG atomically (a concurrent ``report`` never leaves a mixed file), and close it."""
     import matplotlib.pyplot as plt
 
@@ -314,7 +314,7 @@ def _plot_step_time(rows: list[Row], path: Path, timings: Mapping[Key, TimingRat
                           color="red", fontsize=8, xytext=(0, 2), textcoords="offset points")
     axes.set_title("Training step time per method")
     axes.grid(True, axis="y", alpha=0.3)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 MEMORY_LEGEND = {
