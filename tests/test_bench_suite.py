@@ -77,14 +77,16 @@ def test_a_control_entry_is_reported_but_left_out_of_the_overall_table(tmp_path:
 def test_a_budget_sweep_runs_each_budget_in_its_own_folder_and_tabulates_accuracy_against_params(
     tmp_path: Path,
 ) -> None:
-    from hirank.bench.results import RESULTS_FILE, append_record
+    from hirank.bench.results import RESULTS_FILE, append_record, write_out_of_reach
     from hirank.bench.suite import SWEEP_PLOT, Suite, SuiteEntry, build_suite_report
 
     entries = tuple(SuiteEntry("m", "sst2", budget=budget) for budget in ("lora-r1", "lora-r8"))
     assert [entry.folder_name for entry in entries] == ["m-sst2-lora-r1", "m-sst2-lora-r8"]
     assert [entry.options(CompareOptions(budget="lora-r4"), tmp_path).budget for entry in entries] == [
         "lora-r1", "lora-r8"]
-    assert SuiteEntry("m", "sst2").options(CompareOptions(budget="lora-r4"), tmp_path).budget == "lora-r4"
+    assert all(entry.options(CompareOptions(), tmp_path).skip_out_of_reach for entry in entries)
+    unswept = SuiteEntry("m", "sst2").options(CompareOptions(budget="lora-r4"), tmp_path)
+    assert unswept.budget == "lora-r4" and not unswept.skip_out_of_reach
     base = {"model": "m", "task": "sst2", "knobs": {}, "status": "finished", "target_params": 10}
     runs = {  # entry: method: (params, accuracies over seeds)
         entries[0]: {"lora": (100, [0.70, 0.72]), "quanta": (90, [0.80, 0.82]), "head_only": (0, [0.6, 0.6])},
@@ -97,9 +99,11 @@ def test_a_budget_sweep_runs_each_budget_in_its_own_folder_and_tabulates_accurac
                               {**base, "budget": entry.budget, "method": method, "seed": seed, "config_hash": method,
                                "trainable_params": params, "test_accuracy": accuracy,
                                "reference": method == "head_only"})
+    write_out_of_reach(tmp_path / entries[0].folder_name, {"vera": "a budget of 10 is out of reach for vera: ..."})
     text = build_suite_report(Suite("sweep", "two budgets", entries), tmp_path)
     sweep = text.split("## Accuracy vs adapter budget")[1].split("\n## ")[0]
     assert "| method | lora-r1 | lora-r8 |" in sweep
+    assert "| vera | out of reach | — |" in sweep
     assert "| lora | 71.0 ± 1.4 (100) | 85.0 ± 1.4 (800) |" in sweep
     assert "| quanta | 81.0 ± 1.4 (90) | 85.0 ± 0.0 (700) |" in sweep
     assert "head_only" not in sweep.split("![")[0]  # a reference has no adapter budget: not a row of the sweep

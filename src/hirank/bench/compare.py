@@ -42,6 +42,7 @@ import hirank
 
 from ..analysis import DEFAULT_BUDGET_TOLERANCE
 from .budget import (
+    BudgetError,
     BudgetMatch,
     adapter_parameters,
     match_budget,
@@ -52,7 +53,17 @@ from .measure import effective_rank_of_updates, forgetting, forward_times, save_
 from .methods import METHOD_SETS, MethodSpec, UnknownPresetError, available_methods, expand_method_names, get_method
 from .models import PACKAGED_MODELS, LoadedModel, load_model
 from .options import check_options
-from .results import DIVERGED, FINISHED, RESULTS_FILE, Record, RunClaim, append_record, load_records, run_id
+from .results import (
+    DIVERGED,
+    FINISHED,
+    RESULTS_FILE,
+    Record,
+    RunClaim,
+    append_record,
+    load_records,
+    run_id,
+    write_out_of_reach,
+)
 from .tasks import ClassificationTask, Splits, Task, general_text, get_task
 from .timing import TIMING_FILE, TimedModel, load_timings, timing_pass, untimed
 from .train import TrainConfig, TrainResult, evaluate_untrained, train_and_evaluate
@@ -79,6 +90,9 @@ class CompareOptions:
     general_text_pairs: int = 128
     references: bool = True  # also run the no-adapter reference (head only / zero shot), see REFERENCES
     timing: bool = True  # after the runs, time every method side by side (hirank.bench.timing); not in the run hash
+    # a method whose knobs cannot reach the budget within the tolerance is left out (listed in OUT_OF_REACH_FILE)
+    # instead of stopping the comparison with BudgetError: for budget sweeps, where small budgets exclude some
+    skip_out_of_reach: bool = False
     out: Path | None = None
     trust_remote_code: bool = False  # let a model folder / hub id run its own code (auto_map); not in the run hash
 
@@ -181,11 +195,13 @@ def _load_here(options: CompareOptions, task: Task) -> LoadedModel:
 
 def plan_runs(
     options: CompareOptions, loaded: LoadedModel, world_size: int, progress: bool = False
-) -> tuple[int, list[RunPlan]]:
+) -> tuple[int, list[RunPlan], dict[str, str]]:
     """The target budget and every (method, seed) run, seed by seed, each method's knobs matched to the budget;
-    with ``options.references``, the task kind's reference run too (see :data:`REFERENCES`)."""
+    with ``options.references``, the task kind's reference run too (see :data:`REFERENCES`). With
+    ``options.skip_out_of_reach``, methods the budget is out of reach for are left out: method → why."""
     target = parse_budget(options.budget, loaded.model, loaded.target_modules)
     plans = []
+    out_of_reach: dict[str, str] = {}
     reference = [REFERENCES[loaded.kind]] if options.references else []
     for name in tqdm(options.method_names() + reference, desc="matching budgets", leave=False, disable=not progress):
         spec = None if name in reference else get_method(name)
@@ -193,7 +209,13 @@ def plan_runs(
             match = BudgetMatch(name, {}, 0, target)
             learning_rate, learning_rate_source = options.learning_rate(get_method("lora"))
         else:
-            match = match_budget(name, loaded.model, target, loaded.target_modules, options.budget_tolerance)
+            try:
+                match = match_budget(name, loaded.model, target, loaded.target_modules, options.budget_tolerance)
+            except BudgetError as error:
+                if not options.skip_out_of_reach:
+                    raise
+                out_of_reach[name] = str(error)
+                continue
             learning_rate, learning_rate_source = options.learning_rate(spec)
         train_config = TrainConfig(
             learning_rate=learning_rate,
@@ -221,7 +243,7 @@ def plan_runs(
         seeds = range(1) if name == ZERO_SHOT else range(options.seeds)
         plans.extend(RunPlan(name, spec, seed, match, settings, digest, learning_rate_source) for seed in seeds)
     # seed-major: an interrupted comparison has already compared every method on the first seeds
-    return target, sorted(plans, key=lambda plan: plan.seed)
+    return target, sorted(plans, key=lambda plan: plan.seed), out_of_reach
 
 
 def _splits(task: Task, options: CompareOptions) -> Splits:
@@ -267,9 +289,15 @@ def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> 
         if missing:
             print(f"hirank compare: not in this build, so not compared: {', '.join(missing)}")
     loaded = _load(options, task, accelerator)
-    target, plans = plan_runs(options, loaded, accelerator.num_processes, progress=accelerator.is_main_process)
+    target, plans, out_of_reach = plan_runs(
+        options, loaded, accelerator.num_processes, progress=accelerator.is_main_process
+    )
     del loaded
     folder = options.output_dir()
+    if accelerator.is_main_process:
+        write_out_of_reach(folder, out_of_reach)
+        for message in out_of_reach.values():
+            print(f"hirank compare: left out: {message}")
     results_path = folder / RESULTS_FILE
     ids = {plan.run_id for plan in plans}
     recorded = _recorded(results_path, ids, accelerator)

@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .methods import METHODS, format_knobs
-from .results import DIVERGED, RESULTS_FILE, Record, ResultsFileError, load_records, run_id, warn, write_atomically
+from .results import (
+    DIVERGED,
+    RESULTS_FILE,
+    Record,
+    ResultsFileError,
+    load_out_of_reach,
+    load_records,
+    run_id,
+    warn,
+    write_atomically,
+)
 from .stats import PairedDifference, paired_difference, seed_values
 from .timing import TIMING_FILE, Key, TimingRatio, load_timings, spread_text, timing_ratios
 
@@ -374,9 +384,11 @@ def _timing_notes(folder: Path, timings: Mapping[Key, TimingRatio]) -> list[str]
     ]
 
 
-def _budget_notes(records: list[Record]) -> list[str]:
-    """One line per method whose natural knobs could not reach the budget (its row is at its natural size)."""
-    notes = dict.fromkeys(record["budget_note"] for record in records if record.get("budget_note"))
+def _budget_notes(records: list[Record], out_of_reach: Mapping[str, str]) -> list[str]:
+    """One line per method whose natural knobs could not reach the budget (its row is at its natural size), and
+    one per method left out because no setting came within the tolerance."""
+    notes = list(dict.fromkeys(record["budget_note"] for record in records if record.get("budget_note")))
+    notes += [f"left out: {message}" for message in out_of_reach.values()]
     return ["**Budget not reached naturally:**", *(f"- {note}" for note in notes), ""] if notes else []
 
 
@@ -411,7 +423,7 @@ def build_report(folder: Path) -> str:
             "",
             _NOTES.format(target=first["target_params"], memory=memory),
             *_timing_notes(folder, timings),
-            *_budget_notes(records),
+            *_budget_notes(records, load_out_of_reach(folder)),
             f"![test accuracy vs trainable parameters]({ACCURACY_PLOT})",
             "",
             f"![step time per method]({STEP_TIME_PLOT})",

@@ -26,6 +26,7 @@ from typing import Any
 
 Record = dict[str, Any]
 RESULTS_FILE = "results.jsonl"
+OUT_OF_REACH_FILE = "out_of_reach.json"  # method → why the budget is out of its reach (methods left out)
 CLAIMS_DIR = ".claims"
 FINISHED = "finished"
 DIVERGED = "diverged"
@@ -212,3 +213,20 @@ class RunClaim:
             os.close(self._descriptor)
             self._descriptor = None
 
+
+
+def write_out_of_reach(folder: Path, out_of_reach: dict[str, str]) -> None:
+    """Record which methods a comparison left out because its budget is out of their reach (none: no file)."""
+    path = Path(folder) / OUT_OF_REACH_FILE
+    if out_of_reach:
+        write_atomically(path, json.dumps(out_of_reach, indent=1, ensure_ascii=False) + "\n")
+    else:
+        path.unlink(missing_ok=True)
+
+
+def load_out_of_reach(folder: Path) -> dict[str, str]:
+    """method → why it was left out (see :func:`write_out_of_reach`); {} if none was."""
+    try:
+        return json.loads((Path(folder) / OUT_OF_REACH_FILE).read_text())
+    except FileNotFoundError:
+        return {}

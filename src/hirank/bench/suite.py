@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .compare import CompareOptions, compare
 from .report import ADAPTER_PARAMS, TEST_ACCURACY, Row, build_report, group_rows, markdown_table, save_figure
-from .results import RESULTS_FILE, load_records, write_atomically
+from .results import RESULTS_FILE, load_out_of_reach, load_records, write_atomically
 from .stats import mean_ranks
 from .timing import Key, TimingRatio, load_timings, spread_text, timing_ratios
 
@@ -62,6 +62,7 @@ class SuiteEntry:
             max_length=self.max_length,
             batch_size=self.batch_size,
             budget=self.budget or base.budget,
+            skip_out_of_reach=base.skip_out_of_reach or self.budget is not None,  # a sweep runs what each budget reaches
             out=folder / self.folder_name,
         )
 
@@ -211,16 +212,18 @@ def _adapter_rows(rows: list[Row]) -> dict[str, Row]:
     return found
 
 
-def budget_sweep_table(sweep: list[tuple[SuiteEntry, list[Row]]]) -> str:
-    """One row per method, one column per budget entry: mean test accuracy ± std (adapter parameters)."""
-    per_budget = [(entry.budget, _adapter_rows(rows)) for entry, rows in sweep]
-    methods = list(dict.fromkeys(method for _, rows in per_budget for method in rows))
+def budget_sweep_table(sweep: list[tuple[SuiteEntry, list[Row]]], folder: Path) -> str:
+    """One row per method, one column per budget entry: mean test accuracy ± std (adapter parameters), or *out of
+    reach* where the method's knobs cannot come within the tolerance of that budget (it was left out)."""
+    per_budget = [(entry, _adapter_rows(rows), load_out_of_reach(folder / entry.folder_name)) for entry, rows in sweep]
+    methods = list(dict.fromkeys(method for _, rows, skipped in per_budget for method in [*rows, *skipped]))
     lines = [
-        "| method | " + " | ".join(str(budget) for budget, _ in per_budget) + " |",
+        "| method | " + " | ".join(str(entry.budget) for entry, _, _ in per_budget) + " |",
         "|---|" + "---:|" * len(per_budget),
     ]
-    lines += ["| " + " | ".join([method] + [_sweep_cell(rows.get(method)) for _, rows in per_budget]) + " |"
-              for method in methods]
+    for method in methods:
+        cells = ["out of reach" if method in skipped else _sweep_cell(rows.get(method)) for _, rows, skipped in per_budget]
+        lines.append("| " + " | ".join([method, *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -310,11 +313,12 @@ def _sweep_section(sweep: list[tuple[SuiteEntry, list[Row]]], folder: Path) -> l
     return [
         "## Accuracy vs adapter budget",
         "",
-        budget_sweep_table(sweep),
+        budget_sweep_table(sweep, folder),
         "",
-        "Test accuracy (%), mean ± std over seeds, and the adapter parameters in brackets, per budget. A method that "
-        "cannot reach a budget with its natural knobs runs at its nearest size (see the budget notes of the budget's "
-        "report); compare it with LoRA at the budget nearest its parameter count.",
+        "Test accuracy (%), mean ± std over seeds, and the adapter parameters in brackets, per budget. A method whose "
+        "natural knobs cannot reach a budget runs at its nearest natural size (see the budget notes of that budget's "
+        "report): compare it with LoRA at the budget nearest its parameter count. *Out of reach*: no setting of the "
+        "method comes within the tolerance of that budget, so it was left out there.",
         "",
         f"![accuracy vs adapter budget]({SWEEP_PLOT})",
         "",
