@@ -22,11 +22,16 @@ a step of the structured path is 6 passes through the circuit (forward θ and θ
 inputs, the θ chain, the gate gradients, the θ₀ chain), and one gate of contraction size k over a state of S
 elements costs S·(k + κ): its k multiply-adds per element, plus κ ≈ 80 for small GEMMs' packing and memory
 traffic (fitted on one CPU thread: a D = 4 step at N = 1024 costs ≈ 20·N·Σk, not 6·N·Σk). The dense path
-builds ΔW = M(θ) − M(θ₀) once per step (the structured step on the N_in rows of the identity) and then costs
-three T × N_in × N_out GEMMs (forward, ∂x, ∂ΔW). Per token the structured path is cheaper where
-6·Σ(k + κ) < 3·N, e.g. every 4-axis layer from N = 2048 on; at N = 1024 with 4 axes (Σk ≈ 208–240 plus
-6κ) the dense path's smaller per-token cost repays its build beyond ≈ 3–4 thousand tokens per step, and a
-2-axis layer (one dense gate) prefers it from a few hundred tokens. ``prefer_dense`` picks per layer and step.
+builds ΔW = M(θ) − M(θ₀) once per step (the structured step on the N_in rows of the identity) and then costs,
+beyond the frozen base layer's own two T × N_in × N_out GEMMs: three more as a separate branch x·ΔWᵀ
+(forward, ∂x, ∂ΔW), or one where the layer runs base and adapter as one product with W₀ + ΔW
+(``ops.merged``, ``fused=True``: its forward and ∂x GEMMs are the base's, only ∂ΔW is added). Per token the
+structured path is cheaper where 6·Σ(k + κ) < 3·N (separate) or < N (fused). Separate: every 4-axis layer
+from N = 2048 on; at N = 1024 with 4 axes (Σk ≈ 208–240 plus 6κ) the dense ΔW repays its build beyond ≈ 4
+thousand tokens per step. Fused (a plain float nn.Linear base, the usual case): from ≈ 1.3 thousand tokens at
+N = 1024 and ≈ 3.7 thousand at N = 2048 (measured on one CPU thread, 4 axes: ≈ 1.3k and ≈ 3k), i.e. in the
+LLM training regime T ≳ 2N; a 2-axis layer (one dense gate) from a few hundred tokens. ``prefer_dense`` picks
+per layer and step.
 """
 
 from __future__ import annotations
@@ -189,15 +194,18 @@ class QuantaCircuit:
         and θ₀; backward: recomputed inputs, θ chain, gate gradients, θ₀ chain)."""
         return 6 * tokens * self.pass_cost_per_token()
 
-    def dense_cost(self, tokens: int) -> int:
-        """The same for ``x @ delta_dense(θ, θ₀)ᵀ``: three (tokens × d_in × d_out) GEMMs (forward, ∂x, ∂ΔW)
-        plus building ΔW, a structured step on the d_in rows of the identity."""
-        return 3 * tokens * self.in_features * self.out_features + self.structured_cost(self.in_features)
+    def dense_cost(self, tokens: int, fused: bool = False) -> int:
+        """The same for a dense ΔW built for the step, a structured step on the d_in rows of the identity, plus
+        its (tokens × d_in × d_out) GEMMs beyond the base layer's own: three for a separate branch
+        ``x @ delta_dense(θ, θ₀)ᵀ`` (forward, ∂x, ∂ΔW); one when ``fused`` into the base layer's product with
+        W₀ + ΔW (``ops.merged``: its forward and ∂x GEMMs replace the base's, only ∂ΔW is added)."""
+        gemms = 1 if fused else 3
+        return gemms * tokens * self.in_features * self.out_features + self.structured_cost(self.in_features)
 
-    def prefer_dense(self, tokens: int) -> bool:
+    def prefer_dense(self, tokens: int, fused: bool = False) -> bool:
         """True where building ΔW densely once per step is cheaper than the structured path (tokens ≫ d, or
-        few large axes)."""
-        return self.dense_cost(tokens) < self.structured_cost(tokens)
+        few large axes); ``fused``: as one product with W₀ + ΔW (see ``dense_cost``)."""
+        return self.dense_cost(tokens, fused) < self.structured_cost(tokens)
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of the gates inside one flat parameter vector of length ``num_parameters()``."""
