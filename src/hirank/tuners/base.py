@@ -221,7 +221,7 @@ class HirankLayer(nn.Module, BaseTunerLayer):
     mergeable: bool = True
     #: Why the adapter cannot be merged (shown in the error), for non-mergeable methods.
     not_mergeable_reason: str = ""
-    #: True for methods that implement ``fused_delta`` (one product with W₀ + ΔW where their cost model says so).
+    #: True for methods that implement ``fused_output`` (one product with W₀ + ΔW where their cost model says so).
     fuses_delta: bool = False
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: HirankConfig, **kwargs: Any) -> None:
@@ -327,17 +327,21 @@ class HirankLayer(nn.Module, BaseTunerLayer):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         name = self._fusable_adapter(x) if self.fuses_delta and not (args or kwargs) else None
-        delta = None if name is None else self.fused_delta(x, name)
-        if delta is not None:  # one product with W₀ + ΔW (ops/merged.py: 3 GEMMs per step instead of 5)
-            base = self.base_layer
-            return merged_linear(x, base.weight, base.bias, delta)
+        fused = None if name is None else self.fused_output(x, name)
+        if fused is not None:  # one product with W₀ + ΔW (ops/merged.py: 3 GEMMs per step instead of 5)
+            return fused
         return self._adapted_output(self.base_layer(x, *args, **kwargs), x)
 
     # ---- one product with the merged weight, where a method builds ΔW densely for the step -------------------
-    def fused_delta(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
-        """ΔW (out_features, in_features) to add to the base weight for this forward only (differentiable), where
-        the method's cost model prefers it to the separate branch for ``x``; None (the default): the branch."""
+    def fused_output(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
+        """The layer's output as one product x·(W₀ + ΔW)ᵀ + b (e.g. :meth:`merged_product`), where the method's
+        cost model prefers it to a separate branch for ``x``; None (the default): base output plus the branch."""
         return None
+
+    def merged_product(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """x·(W₀ + ΔW)ᵀ + b for a differentiable ΔW (out_features, in_features) built for this forward."""
+        base = self.base_layer
+        return merged_linear(x, base.weight, base.bias, delta)
 
     def _fusable_adapter(self, x: torch.Tensor) -> Optional[str]:
         """The layer's one active unmerged adapter when its ΔW may be folded into the base product: the base is a

@@ -21,7 +21,7 @@ class QuantaLayer(HirankLayer):
     circuit's written cost model (``QuantaCircuit.prefer_dense``: GEMM-equivalent multiply-adds for this many
     tokens), either the structured difference circuit on the activations or a dense ΔW = M(θ) − M(θ₀) built
     for the step: on a plain float ``nn.Linear`` with one active adapter and no dropout, one product with
-    W₀ + ΔW (``fused_delta``, ``ops.merged``), else one more matmul. All are exactly W₀x + b while θ = θ₀.
+    W₀ + ΔW (``fused_output``, ``ops.merged``), else one more matmul. All are exactly W₀x + b while θ = θ₀.
     """
 
     adapter_layer_names = ("quanta_gates",)
@@ -52,15 +52,15 @@ class QuantaLayer(HirankLayer):
 
     fuses_delta = True
 
-    def fused_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
-        """ΔW for one product with W₀ + ΔW, where the cost model prefers it (``prefer_dense(fused=True)``) and no
+    def fused_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        """x·(W₀ + ΔW)ᵀ + b as one product, where the cost model prefers it (``prefer_dense(fused=True)``) and no
         dropout makes the branch read another input than the base layer."""
         dropout = self.quanta_dropout[adapter_name]
         if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
             return None
         if not self.quanta_circuit[adapter_name].prefer_dense(x.numel() // x.shape[-1], fused=True):
             return None
-        return self.delta_weight(adapter_name)
+        return self.merged_product(x, self.delta_weight(adapter_name))
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         circuit = self.quanta_circuit[adapter_name]
