@@ -387,3 +387,20 @@ def test_fused_path_only_on_a_plain_float_linear_with_one_active_adapter(blocker
     else:
         assert layer(x).shape == expected.shape
     assert calls == []
+
+
+def test_fused_path_compiles_as_one_graph(monkeypatch):
+    """torch.compile(backend="eager") traces the fused path's checks (hooks, dtypes, autocast) and Function whole."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    calls = _count_fused_calls(monkeypatch)
+    model, _ = _fused_layer(24, factors=[6, 4])
+    x = torch.randn(4096, 24, dtype=torch.float64, requires_grad=True)
+    expected = model(x)
+    torch._dynamo.reset()
+    counters.clear()
+    out = torch.compile(model, backend="eager")(x)
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    assert calls == [1, 1]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
