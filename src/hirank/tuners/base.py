@@ -28,8 +28,8 @@ from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ._loading import REQUIRES, warn_missing_fields, write_card_section
 from ..ops.merged import merged_linear
+from ._loading import REQUIRES, warn_missing_fields, write_card_section
 from ._validate import FieldCheck, is_integer
 from .sharding import gathered_adapter_parameters, is_gathered, like_base_weight
 
@@ -345,18 +345,21 @@ class HirankLayer(nn.Module, BaseTunerLayer):
 
     def _fusable_adapter(self, x: torch.Tensor) -> Optional[str]:
         """The layer's one active unmerged adapter when its ΔW may be folded into the base product: the base is a
-        plain ``nn.Linear`` (not a subclass such as bitsandbytes', no hooks, no patched forward, an unsharded
-        weight) whose weight has the adapter's dtype (float32 or float64: hirank keeps at least float32 adapters,
-        and a half-precision W₀ + ΔW would round a small ΔW away), as x has, outside autocast. Else None."""
+        plain ``nn.Linear`` (not a subclass such as bitsandbytes', no hooks, no patched forward) with a plain
+        unsharded weight tensor (no DTensor or quantized tensor subclass) of the adapter's dtype (float32 or float64:
+        hirank keeps at least float32 adapters, and a half-precision W₀ + ΔW would round a small ΔW away), as x
+        has, outside autocast. Else None."""
         names = [name for name in self.active_adapters if name in self._adapter_names()]
         base = self.base_layer
         if self.merged or len(names) != 1 or type(base) is not nn.Linear or base._forward_hooks \
                 or base._forward_pre_hooks or "forward" in base.__dict__:
             return None
         weight = base.weight
-        if not is_gathered(weight, self.in_features * self.out_features) or torch.is_autocast_enabled(x.device.type):
+        if type(weight) not in (nn.Parameter, torch.Tensor) or torch.is_autocast_enabled(x.device.type) \
+                or not is_gathered(weight, self.in_features * self.out_features):
             return None
-        tensors = [getattr(self, attr)[names[0]] for attr in self.adapter_layer_names if names[0] in getattr(self, attr)]
+        tensors = [getattr(self, attr)[names[0]] for attr in self.adapter_layer_names
+                   if names[0] in getattr(self, attr)]
         if x.dtype != weight.dtype or any(tensor.dtype != weight.dtype for tensor in tensors):
             return None
         return names[0]

@@ -26,6 +26,7 @@ class QuantaLayer(HirankLayer):
 
     adapter_layer_names = ("quanta_gates",)
     other_param_names = ("quanta_theta0", "quanta_circuit", "quanta_dropout")
+    fuses_delta = True
 
     def update_layer(self, adapter_name: str, config: QuantaConfig, **kwargs: Any) -> None:
         circuit = plan_circuit(
@@ -49,8 +50,6 @@ class QuantaLayer(HirankLayer):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         gates = self.quanta_gates[adapter_name]
         return self.quanta_circuit[adapter_name].delta_dense(gates, self.quanta_theta0[adapter_name].to(gates.dtype))
-
-    fuses_delta = True
 
     def fused_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
         """x·(W₀ + ΔW)ᵀ + b as one product, where the cost model prefers it (``prefer_dense(fused=True)``) and no
