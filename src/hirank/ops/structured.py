@@ -505,8 +505,9 @@ def ldr_dense_product(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_fea
 # N / log₂N < (transforms / 3)·(FFT point cost / MAC cost)·(elementwise factor) and the tokens amortize the
 # build: at these constants LDR r = 8 up to N ≈ 2000 (T ≥ N), r = 4 up to N ≈ 1000, Toeplitz and LDR r = 1 up
 # to N ≈ 256, the circulant never (``benchmarks/surm.py --crossover`` measures both paths and the pick). Fused
-# (a plain float nn.Linear base): LDR r = 8 from ≈ 200 tokens at N = 1024 and ≈ 400 at N = 2048, LDR r = 1 and
-# Toeplitz from ≈ 2–3 thousand tokens at N = 1024, the circulant from ≈ 5 thousand (model).
+# (a plain float nn.Linear base): LDR r = 8 from ≈ 500 tokens at N = 1024, ≈ 1000 at N = 2048 (measured at 512
+# tokens: fused 0.7× the fast product's step at N = 1024, 1.3× at N = 2048), ≈ 2000 at N = 4096; r = 4 from ≈ 1000
+# at N = 1024; LDR r = 1 and Toeplitz only up to N ≈ 512 (from 1–2 thousand tokens), the circulant up to N = 256.
 # Memory: LDR's dense paths rebuild W in backward (``ldr_dense_product``, ``ldr_merged_linear``: save x, G, H, as
 # the fast one). Circulant and Toeplitz (whose dense path rarely wins) save S or W₀ + S (m × n) beside x, so in
 # training they take it only where that is at most half the size of the input it multiplies (T ≥ 2m): activation
@@ -518,7 +519,9 @@ FFT_SECONDS_PER_POINT = 3.1e-10  # one row's real FFT of size N costs this × N�
 #: the complex multiplies, twists, folds and pads around the transforms, relative to the transforms alone
 FFT_ELEMENTWISE_FACTOR = {"circulant": 1.3, "toeplitz": 1.5, "ldr": 2.0}
 #: the build of S and its backward, per entry of S
-BUILD_SECONDS_PER_ENTRY = {"circulant": 1.5e-8, "toeplitz": 1.5e-8, "ldr": 4.5e-8}  # LDR: build twice, adjoint
+#: LDR: build twice (forward, backward) and the adjoint, each ≈ 5–6e-8 timed alone at N = 1024/2048, 0.8–1.3e-7
+#: together inside a layer step (it was 4.5e-8, which sent N = 2048 layers to a dense W slower than the FFTs)
+BUILD_SECONDS_PER_ENTRY = {"circulant": 1.5e-8, "toeplitz": 1.5e-8, "ldr": 1.0e-7}
 
 
 def transforms_per_row(structure: str, displacement_rank: int = 1, training: bool = True) -> int:
