@@ -349,12 +349,15 @@ def test_fresh_adapter_on_the_fused_path_is_bitwise_the_base_layer(monkeypatch):
 def test_cost_model_fuses_the_dense_delta_from_fewer_tokens_than_a_separate_branch():
     """Fused, the dense ΔW adds one GEMM per token (∂ΔW) instead of three: it repays its build (a structured step on
     N rows) from ≈ 1.3k tokens at N = 1024 and ≈ 3.7k at N = 2048 (measured ≈ 1.3k and ≈ 3k), where the separate
-    dense branch needs ≈ 4k and never."""
+    dense branch needs ≈ 4k and never; for memory (it saves W₀ + ΔW) only from 2·N tokens on."""
     four_axes, wide = QuantaCircuit((8, 8, 4, 4), (8, 8, 4, 4)), QuantaCircuit((8, 8, 8, 4), (8, 8, 8, 4))
     assert not four_axes.prefer_dense(1024, fused=True) and four_axes.prefer_dense(2048, fused=True)
     assert not four_axes.prefer_dense(2048)
     assert not wide.prefer_dense(2048, fused=True) and wide.prefer_dense(4096, fused=True)
     assert four_axes.dense_cost(4096) - four_axes.dense_cost(4096, fused=True) == 2 * 4096 * 1024 * 1024
+    two_axes = QuantaCircuit((32, 32), (32, 32))  # one dense gate: time alone would fuse it at 1.5·N
+    assert two_axes.dense_cost(1536, fused=True) < two_axes.structured_cost(1536)
+    assert not two_axes.prefer_dense(1024 * 2 - 1, fused=True) and two_axes.prefer_dense(2048, fused=True)
 
 
 @pytest.mark.parametrize("blocker", ["few tokens", "dropout", "half base", "hook", "two adapters", "merged",
@@ -404,3 +407,25 @@ def test_fused_path_compiles_as_one_graph(monkeypatch):
     assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
     assert calls == [1, 1]
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_fused_path_saves_x_and_the_merged_weight_only(monkeypatch):
+    """Activation memory of the fused path: x and W₀ + ΔW; the identity the build of ΔW runs on is rebuilt in
+    backward, not kept (it was one more d_in² per layer: 1.5× LoRA's activation memory at d = 2048, 4096 tokens)."""
+    calls = _count_fused_calls(monkeypatch)
+    model = get_peft_model(_linear_model(64), hirank.QuantaConfig(target_modules=["0"], init_weights=False))
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    x = torch.randn(4096, 64, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in weights:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(x)
+    assert calls == [1]
+    assert sum(saved.values()) == (4096 * 64 + 64 * 64) * 4
+    out.sum().backward()  # the rebuilt identity gives the gates their gradient
+    assert model.base_model.model[0].quanta_gates["default"].grad.abs().max() > 0

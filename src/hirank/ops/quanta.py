@@ -30,8 +30,9 @@ structured path is cheaper where 6·Σ(k + κ) < 3·N (separate) or < N (fused).
 from N = 2048 on; at N = 1024 with 4 axes (Σk ≈ 208–240 plus 6κ) the dense ΔW repays its build beyond ≈ 4
 thousand tokens per step. Fused (a plain float nn.Linear base, the usual case): from ≈ 1.3 thousand tokens at
 N = 1024 and ≈ 3.7 thousand at N = 2048 (measured on one CPU thread, 4 axes: ≈ 1.3k and ≈ 3k), i.e. in the
-LLM training regime T ≳ 2N; a 2-axis layer (one dense gate) from a few hundred tokens. ``prefer_dense`` picks
-per layer and step.
+LLM training regime T ≳ 2N; a 2-axis layer (one dense gate) from a few hundred tokens. Memory: the fused path
+saves x and W₀ + ΔW (the identity the build runs on is rebuilt in backward), so it is taken only from T ≥ 2·N_out
+on (W₀ + ΔW at most half of x: activation memory within 1.3× LoRA's). ``prefer_dense`` picks per layer and step.
 """
 
 from __future__ import annotations
@@ -204,7 +205,10 @@ class QuantaCircuit:
 
     def prefer_dense(self, tokens: int, fused: bool = False) -> bool:
         """True where building ΔW densely once per step is cheaper than the structured path (tokens ≫ d, or
-        few large axes); ``fused``: as one product with W₀ + ΔW (see ``dense_cost``)."""
+        few large axes); ``fused``: as one product with W₀ + ΔW (see ``dense_cost``), and only where that weight,
+        saved for backward, is at most half of x (tokens ≥ 2·d_out): activation memory within 1.3× LoRA's."""
+        if fused and tokens < 2 * self.out_features:
+            return False
         return self.dense_cost(tokens, fused) < self.structured_cost(tokens)
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -234,18 +238,20 @@ class QuantaCircuit:
     def dense(self, flat_gates: torch.Tensor) -> torch.Tensor:
         """M(θ) as an (out_features, in_features) matrix: the circuit applied to the identity."""
         identity = torch.eye(self.in_features, dtype=flat_gates.dtype, device=flat_gates.device)
-        return self.apply(identity, flat_gates).T
+        return self._run(identity, flat_gates, None, identity=True).T
 
     def delta_dense(self, flat_gates: torch.Tensor, frozen_gates: torch.Tensor) -> torch.Tensor:
         """ΔW = M(θ) − M(θ₀) as an (out_features, in_features) matrix, exactly 0 while θ = θ₀ (merge path)."""
         identity = torch.eye(self.in_features, dtype=flat_gates.dtype, device=flat_gates.device)
-        return self.apply_difference(identity, flat_gates, frozen_gates).T
+        return self._run(identity, flat_gates, frozen_gates.detach(), identity=True).T
 
-    def _run(self, x: torch.Tensor, flat_gates: torch.Tensor, frozen_gates: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, flat_gates: torch.Tensor, frozen_gates: torch.Tensor | None,
+             identity: bool = False) -> torch.Tensor:
+        """``identity``: x is the (padded) identity, which backward rebuilds instead of keeping (one d_in² less)."""
         batch = x.shape[:-1]
         if self.in_size != self.in_features:
             x = torch.nn.functional.pad(x, (0, self.in_size - self.in_features))
-        out = _CircuitFunction.apply(x.reshape(-1, self.in_size), flat_gates, frozen_gates, self)
+        out = _CircuitFunction.apply(x.reshape(-1, self.in_size), flat_gates, frozen_gates, self, identity)
         out = out.reshape(*batch, self.out_size)
         if self.out_size != self.out_features:
             out = torch.nn.functional.pad(out, (0, self.out_features - self.out_size))  # crops if negative
@@ -347,7 +353,7 @@ class _CircuitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, flat_gates: torch.Tensor, frozen_gates: torch.Tensor | None,
-                circuit: QuantaCircuit) -> torch.Tensor:
+                circuit: QuantaCircuit, identity: bool = False) -> torch.Tensor:
         # in x's dtype even under autocast (the layer casts x to the gates' float32): backward runs without it
         with torch.autocast(x.device.type, enabled=False):
             out, _ = circuit.chain(x, circuit.matrices(flat_gates))
@@ -358,13 +364,17 @@ class _CircuitFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, flat_gates, frozen_gates, circuit = inputs
+        x, flat_gates, frozen_gates, circuit, identity = inputs
         ctx.circuit = circuit
-        ctx.save_for_backward(x, flat_gates, frozen_gates)
+        ctx.identity = (x.shape, x.dtype, x.device) if identity else None  # eye(rows, in_size), rebuilt in backward
+        ctx.save_for_backward(None if identity else x, flat_gates, frozen_gates)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, flat_gates, frozen_gates = ctx.saved_tensors
+        if ctx.identity is not None:
+            shape, dtype, device = ctx.identity
+            x = torch.eye(*shape, dtype=dtype, device=device)
         circuit: QuantaCircuit = ctx.circuit
         grad_out = grad_out.to(x.dtype)
         matrices = circuit.matrices(flat_gates)
@@ -387,7 +397,7 @@ class _CircuitFunction(torch.autograd.Function):
                 # (in_size, t) → rows of (T, in_size) by a blocked 2-D transpose copy: autograd adds ∂x to the
                 # base layer's input gradient, and an add reading a transposed view is ~10× slower (measured)
                 grad_x[start: start + chunk].copy_(grad_in.T)
-        return grad_x, grad_gates, None, None
+        return grad_x, grad_gates, None, None, None
 
 
 def plan_circuit(
