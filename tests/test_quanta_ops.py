@@ -263,3 +263,169 @@ def test_backward_saves_only_the_input_of_the_circuit():
         model(x)
     activation_bytes = sum(t.numel() * t.element_size() for t in saved if t.shape[0] == 64)
     assert activation_bytes == x.numel() * x.element_size()
+
+
+# ---- one product with W₀ + ΔW (ops/merged.py) where the cost model prefers the dense ΔW -----------------------
+def test_merged_linear_equals_base_plus_delta_product_with_all_gradients():
+    from hirank.ops.merged import merged_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)  # a base trained too: ∂W₀ = ∂ΔW
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 5, 7, dtype=torch.float64)
+    inputs = (x, weight, bias, delta)
+    fused = torch.autograd.grad(merged_linear(*inputs), inputs, grad)
+    separate = torch.autograd.grad(nn.functional.linear(x, weight, bias) + x @ delta.T, inputs, grad)
+    torch.testing.assert_close(merged_linear(*inputs), nn.functional.linear(x, weight, bias) + x @ delta.T)
+    for got, expected in zip(fused, separate):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_merged_linear_saves_x_and_one_weight_sized_tensor():
+    from hirank.ops.merged import merged_linear
+
+    x = torch.randn(64, 32, requires_grad=True)
+    weight, delta = torch.randn(48, 32), torch.randn(48, 32, requires_grad=True)
+    saved: dict[int, int] = {}
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+            lambda t: t):
+        merged_linear(x, weight, None, delta)
+    assert sum(saved.values()) == (64 * 32 + 48 * 32) * 4  # x and W₀ + ΔW; not ΔW as well, nothing per token more
+
+
+def _fused_layer(width: int, **config) -> tuple[nn.Module, nn.Module]:
+    model = get_peft_model(_linear_model(width).double(),
+                           hirank.QuantaConfig(target_modules=["0"], init_weights=False, **config))
+    return model, model.base_model.model[0]
+
+
+def _count_fused_calls(monkeypatch) -> list[int]:
+    import hirank.tuners.base as tuner_base
+
+    calls: list[int] = []
+    original = tuner_base.merged_linear
+    monkeypatch.setattr(tuner_base, "merged_linear", lambda *args: calls.append(1) or original(*args))
+    return calls
+
+
+def test_fused_path_gives_the_separate_branch_outputs_and_gradients(monkeypatch):
+    """float64: one product with W₀ + ΔW == base(x) + x·ΔWᵀ, for the output and the gradients of x, gates, bias."""
+    calls = _count_fused_calls(monkeypatch)
+    model, layer = _fused_layer(24, factors=[6, 4])
+    layer.get_base_layer().bias.requires_grad_(True)
+    x = torch.randn(2, 2048, 24, dtype=torch.float64, requires_grad=True)
+    tensors = (x, layer.quanta_gates["default"], layer.get_base_layer().bias)
+    grad = torch.randn(2, 2048, 24, dtype=torch.float64)
+    fused_out = model(x)
+    fused = torch.autograd.grad(fused_out, tensors, grad)
+    assert calls == [1]
+    monkeypatch.setattr(type(layer), "fuses_delta", False)
+    separate_out = model(x)
+    separate = torch.autograd.grad(separate_out, tensors, grad)
+    assert calls == [1]
+    torch.testing.assert_close(fused_out, separate_out, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(fused, separate):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_fresh_adapter_on_the_fused_path_is_bitwise_the_base_layer(monkeypatch):
+    """At init ΔW == 0 exactly (the θ == θ₀ guard), W₀ + 0 == W₀: output and ∂x are the frozen layer's, bit for bit."""
+    calls = _count_fused_calls(monkeypatch)
+    model = get_peft_model(_linear_model(64), hirank.QuantaConfig(target_modules=["0"]))
+    base = model.base_model.model[0].get_base_layer()
+    x = torch.randn(4096, 64, requires_grad=True)
+    grad = torch.randn(4096, 64)
+    out = model(x)
+    assert calls == [1]
+    (grad_x,) = torch.autograd.grad(out, x, grad)
+    expected = base(x)
+    (expected_grad_x,) = torch.autograd.grad(expected, x, grad)
+    assert torch.equal(out, expected) and torch.equal(grad_x, expected_grad_x)
+
+
+def test_cost_model_fuses_the_dense_delta_from_fewer_tokens_than_a_separate_branch():
+    """Fused, the dense ΔW adds one GEMM per token (∂ΔW) instead of three: it repays its build (a structured step on
+    N rows) from ≈ 1.3k tokens at N = 1024 and ≈ 3.7k at N = 2048 (measured ≈ 1.3k and ≈ 3k), where the separate
+    dense branch needs ≈ 4k and never; for memory (it saves W₀ + ΔW) only from 2·N tokens on."""
+    four_axes, wide = QuantaCircuit((8, 8, 4, 4), (8, 8, 4, 4)), QuantaCircuit((8, 8, 8, 4), (8, 8, 8, 4))
+    assert not four_axes.prefer_dense(1024, fused=True) and four_axes.prefer_dense(2048, fused=True)
+    assert not four_axes.prefer_dense(2048)
+    assert not wide.prefer_dense(2048, fused=True) and wide.prefer_dense(4096, fused=True)
+    assert four_axes.dense_cost(4096) - four_axes.dense_cost(4096, fused=True) == 2 * 4096 * 1024 * 1024
+    two_axes = QuantaCircuit((32, 32), (32, 32))  # one dense gate: time alone would fuse it at 1.5·N
+    assert two_axes.dense_cost(1536, fused=True) < two_axes.structured_cost(1536)
+    assert not two_axes.prefer_dense(1024 * 2 - 1, fused=True) and two_axes.prefer_dense(2048, fused=True)
+
+
+@pytest.mark.parametrize("blocker", ["few tokens", "dropout", "half base", "hook", "two adapters", "merged",
+                                     "autocast", "extra argument"])
+def test_fused_path_only_on_a_plain_float_linear_with_one_active_adapter(blocker, monkeypatch):
+    calls = _count_fused_calls(monkeypatch)
+    dropout = 0.1 if blocker == "dropout" else 0.0
+    model = get_peft_model(_linear_model(24), hirank.QuantaConfig(target_modules=["0"], factors=[6, 4],
+                                                                  dropout=dropout, init_weights=False))
+    layer = model.base_model.model[0]
+    x = torch.randn(4 if blocker == "few tokens" else 4096, 24)
+    if blocker == "half base":
+        layer.get_base_layer().to(torch.bfloat16)
+        x = x.to(torch.bfloat16)
+    elif blocker == "hook":
+        layer.get_base_layer().register_forward_hook(lambda *args: None)
+    elif blocker == "two adapters":
+        model.add_adapter("other", hirank.QuantaConfig(target_modules=["0"], factors=[6, 4]))
+        layer.set_adapter(["default", "other"])
+    elif blocker == "merged":
+        model.merge_adapter()
+    model.train()
+    expected = layer.get_base_layer()(x)
+    if blocker == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)
+    elif blocker == "extra argument":
+        with pytest.raises(TypeError):  # nn.Linear takes no extra argument: the base layer gets it, as before
+            layer(x, None)
+    else:
+        assert layer(x).shape == expected.shape
+    assert calls == []
+
+
+def test_fused_path_compiles_as_one_graph(monkeypatch):
+    """torch.compile(backend="eager") traces the fused path's checks (hooks, dtypes, autocast) and Function whole."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    calls = _count_fused_calls(monkeypatch)
+    model, _ = _fused_layer(24, factors=[6, 4])
+    x = torch.randn(4096, 24, dtype=torch.float64, requires_grad=True)
+    expected = model(x)
+    torch._dynamo.reset()
+    counters.clear()
+    out = torch.compile(model, backend="eager")(x)
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    assert calls == [1, 1]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_fused_path_saves_x_and_the_merged_weight_only(monkeypatch):
+    """Activation memory of the fused path: x and W₀ + ΔW; the identity the build of ΔW runs on is rebuilt in
+    backward, not kept (it was one more d_in² per layer: 1.5× LoRA's activation memory at d = 2048, 4096 tokens)."""
+    calls = _count_fused_calls(monkeypatch)
+    model = get_peft_model(_linear_model(64), hirank.QuantaConfig(target_modules=["0"], init_weights=False))
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    x = torch.randn(4096, 64, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in weights:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(x)
+    assert calls == [1]
+    assert sum(saved.values()) == (4096 * 64 + 64 * 64) * 4
+    out.sum().backward()  # the rebuilt identity gives the gates their gradient
+    assert model.base_model.model[0].quanta_gates["default"].grad.abs().max() > 0

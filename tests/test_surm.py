@@ -274,3 +274,64 @@ def test_one_sample_poisoned_leaves_the_others_alone(structure):
     x[1, 2] = float("nan")
     out = model(x)
     torch.testing.assert_close(out[[0, 2, 3]], clean[[0, 2, 3]], rtol=0, atol=1e-6)
+
+
+# ---- the dense S inside the base layer's product with W₀ + α·S (ops/merged.py) ---------------------------------
+def test_cost_model_fuses_the_dense_s_from_fewer_tokens_than_a_separate_branch():
+    """Fused, a dense S adds one GEMM per row in training (∂S) instead of three: LDR r=8 takes it from 512 tokens at
+    N = 1024 (measured 0.7× the fast step) and 1024 at N = 2048 (at 512 measured 1.3×: the build of W dominates),
+    where the separate dense branch needs 1024 and 4096; LDR r=1 keeps its fast product."""
+    assert structured.fast_product_is_cheaper("ldr", 512, 1024, 1024, displacement_rank=8)
+    assert not structured.fast_product_is_cheaper("ldr", 512, 1024, 1024, displacement_rank=8, fused=True)
+    assert structured.fast_product_is_cheaper("ldr", 512, 2048, 2048, displacement_rank=8, fused=True)
+    assert structured.fast_product_is_cheaper("ldr", 2048, 2048, 2048, displacement_rank=8)
+    assert not structured.fast_product_is_cheaper("ldr", 2048, 2048, 2048, displacement_rank=8, fused=True)
+    assert structured.fast_product_is_cheaper("ldr", 512, 1024, 1024, displacement_rank=1, fused=True)
+    assert structured.fast_product_is_cheaper("circulant", 1024, 1024, 1024, fused=True)  # S outweighs x: memory
+    assert structured.fast_product_is_cheaper("kronecker", 10 ** 6, 64, 64, fused=True)
+
+
+def _count_fused(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    for module, name in ((structured, "ldr_merged_linear"), (__import__("hirank.tuners.base").tuners.base,
+                                                             "merged_linear")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, original=original, name=name: calls.append(name)
+                            or original(*args))
+    return calls
+
+
+@pytest.mark.parametrize("structure", ["circulant", "toeplitz", "ldr"])
+def test_fused_path_gives_the_separate_branch_outputs_and_gradients(structure, monkeypatch):
+    """float64, lora placement, forced dense S: one product with W₀ + α·S == W₀x + b + α·S·x (x, factors, bias)."""
+    calls = _count_fused(monkeypatch)
+    monkeypatch.setattr(structured, "fast_product_is_cheaper", lambda *args, **kwargs: False)
+    model = _single(24, 40, structure=structure, displacement_rank=3, init_weights=False, alpha=0.7).double()
+    layer = model.base_model.model.proj
+    layer.get_base_layer().bias.requires_grad_(True)
+    x = torch.randn(2, 7, 24, dtype=torch.float64, requires_grad=True)
+    tensors = [x, layer.get_base_layer().bias, *(p for p in layer.parameters() if p.requires_grad)]
+    grad = torch.randn(2, 7, 40, dtype=torch.float64)
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(type(layer), "fuses_delta", fused)
+        out = model(x)
+        results[fused] = (out, torch.autograd.grad(out, tensors, grad))
+    assert calls == ["ldr_merged_linear" if structure == "ldr" else "merged_linear"]
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=1e-10)
+    for fused_grad, separate_grad in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(fused_grad, separate_grad, rtol=0, atol=1e-10)
+
+
+def test_fresh_ldr_adapter_on_the_fused_path_is_bitwise_the_base_layer(monkeypatch):
+    """G = 0 at init, so W(0, H) == 0 exactly and W₀ + 0 == W₀: the frozen layer's output and ∂x, bit for bit."""
+    calls = _count_fused(monkeypatch)
+    model = _single(64, 64, structure="ldr", displacement_rank=8)
+    base = model.base_model.model.proj.get_base_layer()
+    x = torch.randn(512, 64, requires_grad=True)
+    grad = torch.randn(512, 64)
+    out = model(x)
+    assert calls == ["ldr_merged_linear"]
+    expected = base(x)
+    assert torch.equal(out, expected)
+    assert torch.equal(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])

@@ -28,7 +28,7 @@ from peft import PeftConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .ops.quanta import balanced_factorization, factorizations
+from .ops.quanta import balanced_factorization, factorizations, plan_circuit
 from .tuners.base import module_name_matches
 
 Knobs = dict[str, Any]
@@ -61,7 +61,9 @@ class KnobSpace:
     ``config_class`` names a class on ``hirank`` (or on ``peft`` when ``from_peft``). ``grid(shapes)`` yields the
     natural knob settings, given the (in_features, out_features) of every targeted layer; ``beyond_caps(shapes)``
     the degenerate ones the caps (``caps``, in words) exclude: they are only counted, to tell a user that the
-    budget would need them. ``fixed_knobs`` are passed with every setting.
+    budget would need them. ``fixed_knobs`` are passed with every setting. ``step_cost(shapes, knobs)``, where
+    given, is a setting's relative training-step cost: among settings as close to the budget as the closest
+    (within :data:`NEAR_TIE`), the cheapest is chosen.
     """
 
     config_class: str
@@ -70,6 +72,7 @@ class KnobSpace:
     from_peft: bool = False
     caps: str = ""
     beyond_caps: Grid | None = None
+    step_cost: Callable[[Sequence[Shape], Knobs], float] | None = None
 
     def config_cls(self) -> type[PeftConfig] | None:
         """The config class, or None when this build of hirank (or of peft) does not have it."""
@@ -208,6 +211,14 @@ def _quanta_settings(shapes: Sequence[Shape]) -> Iterable[tuple[Knobs, bool]]:
                 yield {"factors": list(factors)}, not _degenerate_factors(factors)
 
 
+def _quanta_step_cost(shapes: Sequence[Shape], knobs: Knobs) -> float:
+    """Σ over the targeted layers of one circuit pass per token (``QuantaCircuit.pass_cost_per_token``): at 2048
+    wide, [16, 8, 4, 4] (−18% of LoRA r=8's count) costs 6% less than [16, 8, 8, 2] (+17%), measured 9% faster."""
+    factors = tuple(knobs["factors"]) if "factors" in knobs else None
+    return sum(plan_circuit(i, o, n_axes=knobs.get("n_axes", 4), factors=factors).pass_cost_per_token()
+               for i, o in shapes)
+
+
 def _quanta_grid(shapes: Sequence[Shape]) -> Iterable[Knobs]:
     return (knobs for knobs, natural in _quanta_settings(shapes) if natural)
 
@@ -305,7 +316,7 @@ KNOB_SPACES: dict[str, KnobSpace] = {
     "lora": KnobSpace("LoraConfig", _lora_grid, from_peft=True),
     "quanta": KnobSpace(
         "QuantaConfig", _quanta_grid, caps="3–5 tensor axes, at most one axis of size 2",
-        beyond_caps=_quanta_beyond_caps,
+        beyond_caps=_quanta_beyond_caps, step_cost=_quanta_step_cost,
     ),
     "quantum_peft": KnobSpace(
         "QuantumPeftConfig", _quantum_peft_grid,
@@ -374,8 +385,17 @@ def _first_beyond_caps(
     return None
 
 
-def _closest(candidates: list[tuple[Knobs, int]], target: int) -> tuple[Knobs, int]:
-    return min(candidates, key=lambda candidate: abs(candidate[1] - target))  # ties: the earlier setting
+#: Settings whose counts miss the budget by at most this much (relative) more than the closest one's are as close.
+NEAR_TIE = 0.02
+
+
+def _closest(candidates: list[tuple[Knobs, int]], target: int,
+             cost: Callable[[Knobs], float] | None = None) -> tuple[Knobs, int]:
+    """The candidate closest to ``target``; with ``cost``, the cheapest of those within :data:`NEAR_TIE` of the
+    closest one's miss. Ties: the earlier setting."""
+    best = min(abs(params - target) for _, params in candidates)
+    near = [c for c in candidates if abs(c[1] - target) <= best + (NEAR_TIE * target if cost is not None else 0)]
+    return min(near, key=lambda candidate: cost(candidate[0])) if cost is not None else near[0]
 
 
 def match_budget(
@@ -401,7 +421,8 @@ def match_budget(
     candidates, rejected = _count_settings(space, space.grid, model, shapes, target_modules)
     if not candidates:
         raise BudgetError(f"no knob setting of {method} is valid for this model: " + "; ".join(rejected[:5]))
-    knobs, params = _closest(candidates, target_params)
+    cost = None if space.step_cost is None else lambda knobs: space.step_cost(shapes, knobs)
+    knobs, params = _closest(candidates, target_params, cost)
     match = BudgetMatch(method, dict(knobs), params, target_params, candidates=candidates)
     allowed = DEFAULT_BUDGET_TOLERANCE if tolerance is None else tolerance
     if abs(match.relative_error) <= allowed:

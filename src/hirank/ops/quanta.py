@@ -22,11 +22,17 @@ a step of the structured path is 6 passes through the circuit (forward θ and θ
 inputs, the θ chain, the gate gradients, the θ₀ chain), and one gate of contraction size k over a state of S
 elements costs S·(k + κ): its k multiply-adds per element, plus κ ≈ 80 for small GEMMs' packing and memory
 traffic (fitted on one CPU thread: a D = 4 step at N = 1024 costs ≈ 20·N·Σk, not 6·N·Σk). The dense path
-builds ΔW = M(θ) − M(θ₀) once per step (the structured step on the N_in rows of the identity) and then costs
-three T × N_in × N_out GEMMs (forward, ∂x, ∂ΔW). Per token the structured path is cheaper where
-6·Σ(k + κ) < 3·N, e.g. every 4-axis layer from N = 2048 on; at N = 1024 with 4 axes (Σk ≈ 208–240 plus
-6κ) the dense path's smaller per-token cost repays its build beyond ≈ 3–4 thousand tokens per step, and a
-2-axis layer (one dense gate) prefers it from a few hundred tokens. ``prefer_dense`` picks per layer and step.
+builds ΔW = M(θ) − M(θ₀) once per step (the structured step on the N_in rows of the identity) and then costs,
+beyond the frozen base layer's own two T × N_in × N_out GEMMs: three more as a separate branch x·ΔWᵀ
+(forward, ∂x, ∂ΔW), or one where the layer runs base and adapter as one product with W₀ + ΔW
+(``ops.merged``, ``fused=True``: its forward and ∂x GEMMs are the base's, only ∂ΔW is added). Per token the
+structured path is cheaper where 6·Σ(k + κ) < 3·N (separate) or < N (fused). Separate: every 4-axis layer
+from N = 2048 on; at N = 1024 with 4 axes (Σk ≈ 208–240 plus 6κ) the dense ΔW repays its build beyond ≈ 4
+thousand tokens per step. Fused (a plain float nn.Linear base, the usual case): from ≈ 1.3 thousand tokens at
+N = 1024 and ≈ 3.7 thousand at N = 2048 (measured on one CPU thread, 4 axes: ≈ 1.3k and ≈ 3k), i.e. in the
+LLM training regime T ≳ 2N; a 2-axis layer (one dense gate) from a few hundred tokens. Memory: the fused path
+saves x and W₀ + ΔW (the identity the build runs on is rebuilt in backward), so it is taken only from T ≥ 2·N_out
+on (W₀ + ΔW at most half of x: activation memory within 1.3× LoRA's). ``prefer_dense`` picks per layer and step.
 """
 
 from __future__ import annotations
@@ -189,15 +195,21 @@ class QuantaCircuit:
         and θ₀; backward: recomputed inputs, θ chain, gate gradients, θ₀ chain)."""
         return 6 * tokens * self.pass_cost_per_token()
 
-    def dense_cost(self, tokens: int) -> int:
-        """The same for ``x @ delta_dense(θ, θ₀)ᵀ``: three (tokens × d_in × d_out) GEMMs (forward, ∂x, ∂ΔW)
-        plus building ΔW, a structured step on the d_in rows of the identity."""
-        return 3 * tokens * self.in_features * self.out_features + self.structured_cost(self.in_features)
+    def dense_cost(self, tokens: int, fused: bool = False) -> int:
+        """The same for a dense ΔW built for the step, a structured step on the d_in rows of the identity, plus
+        its (tokens × d_in × d_out) GEMMs beyond the base layer's own: three for a separate branch
+        ``x @ delta_dense(θ, θ₀)ᵀ`` (forward, ∂x, ∂ΔW); one when ``fused`` into the base layer's product with
+        W₀ + ΔW (``ops.merged``: its forward and ∂x GEMMs replace the base's, only ∂ΔW is added)."""
+        gemms = 1 if fused else 3
+        return gemms * tokens * self.in_features * self.out_features + self.structured_cost(self.in_features)
 
-    def prefer_dense(self, tokens: int) -> bool:
+    def prefer_dense(self, tokens: int, fused: bool = False) -> bool:
         """True where building ΔW densely once per step is cheaper than the structured path (tokens ≫ d, or
-        few large axes)."""
-        return self.dense_cost(tokens) < self.structured_cost(tokens)
+        few large axes); ``fused``: as one product with W₀ + ΔW (see ``dense_cost``), and only where that weight,
+        saved for backward, is at most half of x (tokens ≥ 2·d_out): activation memory within 1.3× LoRA's."""
+        if fused and tokens < 2 * self.out_features:
+            return False
+        return self.dense_cost(tokens, fused) < self.structured_cost(tokens)
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of the gates inside one flat parameter vector of length ``num_parameters()``."""
@@ -226,18 +238,20 @@ class QuantaCircuit:
     def dense(self, flat_gates: torch.Tensor) -> torch.Tensor:
         """M(θ) as an (out_features, in_features) matrix: the circuit applied to the identity."""
         identity = torch.eye(self.in_features, dtype=flat_gates.dtype, device=flat_gates.device)
-        return self.apply(identity, flat_gates).T
+        return self._run(identity, flat_gates, None, identity=True).T
 
     def delta_dense(self, flat_gates: torch.Tensor, frozen_gates: torch.Tensor) -> torch.Tensor:
         """ΔW = M(θ) − M(θ₀) as an (out_features, in_features) matrix, exactly 0 while θ = θ₀ (merge path)."""
         identity = torch.eye(self.in_features, dtype=flat_gates.dtype, device=flat_gates.device)
-        return self.apply_difference(identity, flat_gates, frozen_gates).T
+        return self._run(identity, flat_gates, frozen_gates.detach(), identity=True).T
 
-    def _run(self, x: torch.Tensor, flat_gates: torch.Tensor, frozen_gates: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, flat_gates: torch.Tensor, frozen_gates: torch.Tensor | None,
+             identity: bool = False) -> torch.Tensor:
+        """``identity``: x is the (padded) identity, which backward rebuilds instead of keeping (one d_in² less)."""
         batch = x.shape[:-1]
         if self.in_size != self.in_features:
             x = torch.nn.functional.pad(x, (0, self.in_size - self.in_features))
-        out = _CircuitFunction.apply(x.reshape(-1, self.in_size), flat_gates, frozen_gates, self)
+        out = _CircuitFunction.apply(x.reshape(-1, self.in_size), flat_gates, frozen_gates, self, identity)
         out = out.reshape(*batch, self.out_size)
         if self.out_size != self.out_features:
             out = torch.nn.functional.pad(out, (0, self.out_features - self.out_size))  # crops if negative
@@ -339,7 +353,7 @@ class _CircuitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, flat_gates: torch.Tensor, frozen_gates: torch.Tensor | None,
-                circuit: QuantaCircuit) -> torch.Tensor:
+                circuit: QuantaCircuit, identity: bool = False) -> torch.Tensor:
         # in x's dtype even under autocast (the layer casts x to the gates' float32): backward runs without it
         with torch.autocast(x.device.type, enabled=False):
             out, _ = circuit.chain(x, circuit.matrices(flat_gates))
@@ -350,13 +364,17 @@ class _CircuitFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, flat_gates, frozen_gates, circuit = inputs
+        x, flat_gates, frozen_gates, circuit, identity = inputs
         ctx.circuit = circuit
-        ctx.save_for_backward(x, flat_gates, frozen_gates)
+        ctx.identity = (x.shape, x.dtype, x.device) if identity else None  # eye(rows, in_size), rebuilt in backward
+        ctx.save_for_backward(None if identity else x, flat_gates, frozen_gates)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, flat_gates, frozen_gates = ctx.saved_tensors
+        if ctx.identity is not None:
+            shape, dtype, device = ctx.identity
+            x = torch.eye(*shape, dtype=dtype, device=device)
         circuit: QuantaCircuit = ctx.circuit
         grad_out = grad_out.to(x.dtype)
         matrices = circuit.matrices(flat_gates)
@@ -379,7 +397,7 @@ class _CircuitFunction(torch.autograd.Function):
                 # (in_size, t) → rows of (T, in_size) by a blocked 2-D transpose copy: autograd adds ∂x to the
                 # base layer's input gradient, and an add reading a transposed view is ~10× slower (measured)
                 grad_x[start: start + chunk].copy_(grad_in.T)
-        return grad_x, grad_gates, None, None
+        return grad_x, grad_gates, None, None, None
 
 
 def plan_circuit(

@@ -444,6 +444,48 @@ class _LdrDenseProduct(torch.autograd.Function):
         return grad_g, grad_h, grad_x, None
 
 
+class _LdrMergedProduct(torch.autograd.Function):
+    """x·(W₀ + W(G, H)[:m, :n])ᵀ + b as one product (the fused path of ``ops.merged``: 3 large GEMMs per training
+    step with the frozen base's, not 5), W rebuilt in backward as in :class:`_LdrDenseProduct`: saves x, G and H
+    (W₀ is the layer's parameter), so the activation memory stays the fast product's. All in one dtype."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g: torch.Tensor,
+                h: torch.Tensor) -> torch.Tensor:
+        out_features, in_features = weight.shape
+        ctx.save_for_backward(x, weight, g, h)
+        ctx.has_bias = bias is not None
+        merged = weight + ldr_dense(g, h, out_features, in_features)  # (m, n); W(0, H) = 0: W₀ exactly
+        return torch.nn.functional.linear(x, merged, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, g, h = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_g, need_h = ctx.needs_input_grad
+        out_features, in_features = weight.shape
+        rows = grad_y.reshape(-1, out_features)  # (T, m)
+        grad_x = grad_weight = grad_bias = grad_g = grad_h = None
+        if need_x:
+            merged = weight + ldr_dense(g, h, out_features, in_features)
+            grad_x = (rows @ merged).view(*grad_y.shape[:-1], in_features)
+        if need_weight or need_g or need_h:
+            grad_weight = rows.T @ x.reshape(-1, in_features)  # Σ_t grad_t·x_tᵀ = ∂W₀ = ∂W, (m, n)
+            if need_g or need_h:
+                grad_g, grad_h = _ldr_dense_adjoint(g, h, grad_weight)
+        if ctx.has_bias and need_bias:
+            grad_bias = rows.sum(0)
+        return (grad_x, grad_weight if need_weight else None, grad_bias, grad_g if need_g else None,
+                grad_h if need_h else None)
+
+
+def ldr_merged_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g: torch.Tensor,
+                      h: torch.Tensor) -> torch.Tensor:
+    """x·(W₀ + W(G, H)[:m, :n])ᵀ + b in one product.  x: (..., n), weight: (m, n), bias: (m,) or None, G, H: (r, N)
+    → (..., m). For a layer whose cost model prefers the dense W (:func:`fast_product_is_cheaper` with ``fused``)."""
+    return _LdrMergedProduct.apply(x, weight, bias, g, h)
+
+
 def ldr_dense_product(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
     """Same as :func:`ldr_matvec` through a dense W built once per call: for the layers where the cost model
     below prefers it (many displacement terms, N up to ≈ 2000)."""
@@ -455,15 +497,21 @@ def ldr_dense_product(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_fea
 # Both paths cost time linear in the tokens T of a step; only the dense path adds a cost per step that does not
 # grow with T (building S). Per token row, training (forward + backward):
 #   fast:  transforms(structure, r) × N·log₂N × FFT_SECONDS_PER_POINT × FFT_ELEMENTWISE_FACTOR, N = max(m, n);
-#   dense: 3·m·n × MATMUL_SECONDS_PER_MAC (x·Sᵀ forward, grad·S and gradᵀ·x backward),
+#   dense: 3·m·n × MATMUL_SECONDS_PER_MAC (x·Sᵀ forward, grad·S and gradᵀ·x backward), or 1·m·n when ``fused``
+#          into the base layer's product with W₀ + S (ops/merged.py: its forward and ∂x GEMMs replace the base's,
+#          only gradᵀ·x is added; in inference it adds none),
 # plus, once per step, m·n × BUILD_SECONDS_PER_ENTRY (build S and run its backward).
-# Inference: 2 + 2r or 2 transforms against one matmul and one build. So the dense path wins only where
+# Inference: 2 + 2r or 2 transforms against one matmul and one build. So the separate dense path wins only where
 # N / log₂N < (transforms / 3)·(FFT point cost / MAC cost)·(elementwise factor) and the tokens amortize the
 # build: at these constants LDR r = 8 up to N ≈ 2000 (T ≥ N), r = 4 up to N ≈ 1000, Toeplitz and LDR r = 1 up
-# to N ≈ 256, the circulant never (``benchmarks/surm.py --crossover`` measures both paths and the pick).
-# Memory: LDR's dense path rebuilds W in backward (``ldr_dense_product``: saves x, G, H, as the fast one).
-# Circulant and Toeplitz (whose dense path rarely wins) save S (m × n) beside x, so in training they take it only
-# where S is at most half the size of the input it multiplies (T ≥ 2m): activation memory within 1.3× LoRA's.
+# to N ≈ 256, the circulant never (``benchmarks/surm.py --crossover`` measures both paths and the pick). Fused
+# (a plain float nn.Linear base): LDR r = 8 from ≈ 500 tokens at N = 1024, ≈ 1000 at N = 2048 (measured at 512
+# tokens: fused 0.7× the fast product's step at N = 1024, 1.3× at N = 2048), ≈ 2000 at N = 4096; r = 4 from ≈ 1000
+# at N = 1024; LDR r = 1 and Toeplitz only up to N ≈ 512 (from 1–2 thousand tokens), the circulant up to N = 256.
+# Memory: LDR's dense paths rebuild W in backward (``ldr_dense_product``, ``ldr_merged_linear``: save x, G, H, as
+# the fast one). Circulant and Toeplitz (whose dense path rarely wins) save S or W₀ + S (m × n) beside x, so in
+# training they take it only where that is at most half the size of the input it multiplies (T ≥ 2m): activation
+# memory within 1.3× LoRA's.
 # Constants measured on the development CPU, one thread, float32, N = 1024 and 2048 (matmul 512 × N × N,
 # rfft of 512 rows, torch.profiler of the fast products):
 MATMUL_SECONDS_PER_MAC = 4.5e-11
@@ -471,7 +519,9 @@ FFT_SECONDS_PER_POINT = 3.1e-10  # one row's real FFT of size N costs this × N�
 #: the complex multiplies, twists, folds and pads around the transforms, relative to the transforms alone
 FFT_ELEMENTWISE_FACTOR = {"circulant": 1.3, "toeplitz": 1.5, "ldr": 2.0}
 #: the build of S and its backward, per entry of S
-BUILD_SECONDS_PER_ENTRY = {"circulant": 1.5e-8, "toeplitz": 1.5e-8, "ldr": 4.5e-8}  # LDR: build twice, adjoint
+#: LDR: build twice (forward, backward) and the adjoint, each ≈ 5–6e-8 timed alone at N = 1024/2048, 0.8–1.3e-7
+#: together inside a layer step (it was 4.5e-8, which sent N = 2048 layers to a dense W slower than the FFTs)
+BUILD_SECONDS_PER_ENTRY = {"circulant": 1.5e-8, "toeplitz": 1.5e-8, "ldr": 1.0e-7}
 
 
 def transforms_per_row(structure: str, displacement_rank: int = 1, training: bool = True) -> int:
@@ -486,11 +536,11 @@ def transforms_per_row(structure: str, displacement_rank: int = 1, training: boo
 
 
 def fast_product_is_cheaper(structure: str, tokens: int, rows: int, cols: int, displacement_rank: int = 1,
-                            training: bool = True) -> bool:
+                            training: bool = True, fused: bool = False) -> bool:
     """Whether S·x by its fast product beats building S (rows × cols) once and multiplying densely, for
-    ``tokens`` rows of x (forward, plus backward when ``training``), by the cost model above. Kronecker's
-    product (two small GEMMs) is always cheaper; in training, so is a circulant or Toeplitz product whose saved S
-    would outweigh half of x (memory first)."""
+    ``tokens`` rows of x (forward, plus backward when ``training``), by the cost model above; ``fused``: the dense
+    S inside the base layer's product with W₀ + S. Kronecker's product (two small GEMMs) is always cheaper; in
+    training, so is a circulant or Toeplitz product whose saved S would outweigh half of x (memory first)."""
     if structure == "kronecker" or (training and structure != "ldr" and tokens < 2 * rows):
         return True
     length = max(rows, cols)
@@ -498,5 +548,6 @@ def fast_product_is_cheaper(structure: str, tokens: int, rows: int, cols: int, d
     transform_seconds = length * math.log2(max(length, 2)) * FFT_SECONDS_PER_POINT * FFT_ELEMENTWISE_FACTOR[structure]
     fast = tokens * transforms * transform_seconds
     build = rows * cols * BUILD_SECONDS_PER_ENTRY[structure] * (1 if training else 1 / 3)  # forward ≈ a third
-    dense = tokens * rows * cols * (3 if training else 1) * MATMUL_SECONDS_PER_MAC + build
+    gemms = (1 if training else 0) if fused else (3 if training else 1)
+    dense = tokens * rows * cols * gemms * MATMUL_SECONDS_PER_MAC + build
     return fast <= dense

@@ -28,9 +28,10 @@ from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..ops.merged import merged_linear
 from ._loading import REQUIRES, warn_missing_fields, write_card_section
 from ._validate import FieldCheck, is_integer
-from .sharding import gathered_adapter_parameters, like_base_weight
+from .sharding import gathered_adapter_parameters, is_gathered, like_base_weight
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 
@@ -220,6 +221,8 @@ class HirankLayer(nn.Module, BaseTunerLayer):
     mergeable: bool = True
     #: Why the adapter cannot be merged (shown in the error), for non-mergeable methods.
     not_mergeable_reason: str = ""
+    #: True for methods that implement ``fused_output`` (one product with W₀ + ΔW where their cost model says so).
+    fuses_delta: bool = False
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: HirankConfig, **kwargs: Any) -> None:
         super().__init__()
@@ -323,7 +326,43 @@ class HirankLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        name = self._fusable_adapter(x) if self.fuses_delta and not (args or kwargs) else None
+        fused = None if name is None else self.fused_output(x, name)
+        if fused is not None:  # one product with W₀ + ΔW (ops/merged.py: 3 GEMMs per step instead of 5)
+            return fused
         return self._adapted_output(self.base_layer(x, *args, **kwargs), x)
+
+    # ---- one product with the merged weight, where a method builds ΔW densely for the step -------------------
+    def fused_output(self, x: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
+        """The layer's output as one product x·(W₀ + ΔW)ᵀ + b (e.g. :meth:`merged_product`), where the method's
+        cost model prefers it to a separate branch for ``x``; None (the default): base output plus the branch."""
+        return None
+
+    def merged_product(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """x·(W₀ + ΔW)ᵀ + b for a differentiable ΔW (out_features, in_features) built for this forward."""
+        base = self.base_layer
+        return merged_linear(x, base.weight, base.bias, delta)
+
+    def _fusable_adapter(self, x: torch.Tensor) -> Optional[str]:
+        """The layer's one active unmerged adapter when its ΔW may be folded into the base product: the base is a
+        plain ``nn.Linear`` (not a subclass such as bitsandbytes', no hooks, no patched forward) with a plain
+        unsharded weight tensor (no DTensor or quantized tensor subclass) of the adapter's dtype (float32 or float64:
+        hirank keeps at least float32 adapters, and a half-precision W₀ + ΔW would round a small ΔW away), as x
+        has, outside autocast. Else None."""
+        names = [name for name in self.active_adapters if name in self._adapter_names()]
+        base = self.base_layer
+        if self.merged or len(names) != 1 or type(base) is not nn.Linear or base._forward_hooks \
+                or base._forward_pre_hooks or "forward" in base.__dict__:
+            return None
+        weight = base.weight
+        if type(weight) not in (nn.Parameter, torch.Tensor) or torch.is_autocast_enabled(x.device.type) \
+                or not is_gathered(weight, self.in_features * self.out_features):
+            return None
+        tensors = [getattr(self, attr)[names[0]] for attr in self.adapter_layer_names
+                   if names[0] in getattr(self, attr)]
+        if x.dtype != weight.dtype or any(tensor.dtype != weight.dtype for tensor in tensors):
+            return None
+        return names[0]
 
     def _adapted_output(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The layer's output with adapters on, from the base layer's (merged weights included) output ``result``.

@@ -19,12 +19,14 @@ class QuantaLayer(HirankLayer):
     The base weight is never edited in place (the official code folds −M(θ₀) into W₀). θ₀ is a
     persistent buffer saved with the adapter, so save/load is exact. Per forward the layer picks, by the
     circuit's written cost model (``QuantaCircuit.prefer_dense``: GEMM-equivalent multiply-adds for this many
-    tokens), either the structured difference circuit on the activations or one matmul with a dense
-    ΔW = M(θ) − M(θ₀) built for the step. Both are exactly 0 while θ = θ₀.
+    tokens), either the structured difference circuit on the activations or a dense ΔW = M(θ) − M(θ₀) built
+    for the step: on a plain float ``nn.Linear`` with one active adapter and no dropout, one product with
+    W₀ + ΔW (``fused_output``, ``ops.merged``), else one more matmul. All are exactly W₀x + b while θ = θ₀.
     """
 
     adapter_layer_names = ("quanta_gates",)
     other_param_names = ("quanta_theta0", "quanta_circuit", "quanta_dropout")
+    fuses_delta = True
 
     def update_layer(self, adapter_name: str, config: QuantaConfig, **kwargs: Any) -> None:
         circuit = plan_circuit(
@@ -48,6 +50,16 @@ class QuantaLayer(HirankLayer):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         gates = self.quanta_gates[adapter_name]
         return self.quanta_circuit[adapter_name].delta_dense(gates, self.quanta_theta0[adapter_name].to(gates.dtype))
+
+    def fused_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        """x·(W₀ + ΔW)ᵀ + b as one product, where the cost model prefers it (``prefer_dense(fused=True)``) and no
+        dropout makes the branch read another input than the base layer."""
+        dropout = self.quanta_dropout[adapter_name]
+        if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+            return None
+        if not self.quanta_circuit[adapter_name].prefer_dense(x.numel() // x.shape[-1], fused=True):
+            return None
+        return self.merged_product(x, self.delta_weight(adapter_name))
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         circuit = self.quanta_circuit[adapter_name]

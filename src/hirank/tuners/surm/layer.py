@@ -182,6 +182,26 @@ class SurmLayer(HirankLayer):
         return structured.ldr_matvec(*generators, v, settings.rows)
 
     # ---- HirankLayer API ----------------------------------------------------------------------
+    fuses_delta = True
+
+    def fused_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        """W₀x + b + α·S·x as one product with W₀ + α·S (the LoRA placement), where the cost model prefers it
+        (``structured.fast_product_is_cheaper(fused=True)``) and no dropout makes the branch read another input."""
+        settings = self.surm_settings[adapter_name]
+        dropout = self.surm_dropout[adapter_name]
+        if settings.placement != "lora" or settings.structure == "kronecker" or (
+                isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0):
+            return None
+        generators = self._generators(adapter_name)
+        training = torch.is_grad_enabled() and (x.requires_grad or any(g.requires_grad for g in generators))
+        rank = generators[0].shape[0] if settings.structure == "ldr" else 1
+        if structured.fast_product_is_cheaper(settings.structure, x.numel() // max(x.shape[-1], 1), settings.rows,
+                                              settings.cols, rank, training, fused=True):
+            return None
+        if settings.structure == "ldr":  # W rebuilt in backward: the fast product's memory
+            return structured.ldr_merged_linear(x, self.base_layer.weight, self.base_layer.bias, *generators)
+        return self.merged_product(x, self._dense_builder(adapter_name)(*generators))
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """α·S for the LoRA placement; the adapter placement has no ΔW (ValueError)."""
         if self.surm_settings[adapter_name].placement != "lora":
