@@ -26,6 +26,8 @@ vectors are parameterized. UᵀU = I holds exactly; nothing is padded or cropped
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -94,20 +96,13 @@ def _rotate(state: torch.Tensor, qubit: int, cos: torch.Tensor, sin: torch.Tenso
     axis = state.view(*state.shape[:-2], 1 << qubit, 2, -1)  # (..., 2^q, 2, 2^(n-q-1)·K)
     zero, one = axis.unbind(-2)
     cos, sin = cos[..., None, None], sin[..., None, None]
-    differentiable = torch.is_grad_enabled() and (state.requires_grad or cos.requires_grad or sin.requires_grad)
-    if differentiable or torch.compiler.is_compiling():  # (dynamo has no strided out=; inductor fuses the stack)
-        rotated = torch.stack((torch.addcmul(cos * zero, sin, one, value=-1), torch.addcmul(cos * one, sin, zero)), -2)
-        return rotated.view(state.shape)
-    # eager, no autograd (the lean circuit's forward and reverse walk): written in place of a stack, one pass less
-    rotated = torch.empty_like(axis)
-    new_zero, new_one = rotated.unbind(-2)
-    torch.mul(zero, cos, out=new_zero).addcmul_(sin, one, value=-1)
-    torch.mul(one, cos, out=new_one).addcmul_(sin, zero)
+    rotated = torch.stack((torch.addcmul(cos * zero, sin, one, value=-1), torch.addcmul(cos * one, sin, zero)), -2)
     return rotated.view(state.shape)
 
 
 def _run_circuit(state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_qubits: int, n_layers: int) -> torch.Tensor:
-    """Apply the circuit to state (..., N, K); cos/sin (..., P) of the half angles."""
+    """Apply the circuit gate by gate to state (..., N, K); cos/sin (..., P) of the half angles (the plain-autograd
+    path, ``memory_lean=False``, and the reference the layered path is tested against)."""
     angle = 0
     for kind, arg in circuit_gates(n_qubits, n_layers):
         if kind == "ry":
@@ -124,39 +119,159 @@ def _basis_columns(angles: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
     return eye.expand(*angles.shape[:-1], dim, rank).contiguous()
 
 
+# ---- the layered simulation (the default): each rotation layer as two GEMMs -----------------------------------
+# The RY's between two CZ layers act on distinct qubits or compose on one (RY(a)·RY(b) = RY(a+b), e.g. the first
+# RY on every qubit and the layer's first RY on qubits 0…n−2), so each such "rotation layer" is ⊗_q RY(φ_q) with
+# φ_q the sum of its angles on qubit q (0 for an idle qubit). Split at qubit h = ⌊n/2⌋, it is A_top ⊗ A_low
+# (2^h × 2^h and 2^(n−h) × 2^(n−h)). The state is kept as (B, 2^h, K, 2^(n−h)) (column index between the two
+# qubit groups), so A_top is one GEMM from the left on the (2^h, K·2^(n−h)) view and A_low one GEMM from the right
+# on the (2^h·K, 2^(n−h)) view: 2 GEMMs and one ±1 multiply per layer instead of n strided 2×2 updates.
+# Angle gradient from the layer's output state S and its gradient G (both before the layer's CZ): with
+# dRY/dθ = ½ J RY, J = [[0, −1], [1, 0]], dLoss/dφ_q = ½ ⟨G, J_q S⟩ = ½ Σ_{r: bit_q(r)=1} (M[r, r⊕b_q] − M[r⊕b_q, r])
+# where M = G·Sᵀ over the group of qubit q (a 2^h × 2^h or 2^(n−h) × 2^(n−h) GEMM); J_q commutes with the other
+# group's factor, so both M's are taken at the same point of the walk. Merged angles share their φ's gradient.
+
+
+@dataclass(frozen=True)
+class _LayerPlan:
+    """The circuit of (n_qubits, n_layers) as rotation layers, each followed by a CZ layer or nothing."""
+
+    n_qubits: int
+    split: int  # h: qubits 0…h−1 form the top group, h…n−1 the low group
+    slot_of_angle: torch.Tensor  # (P,) long: angle i rotates qubit q of rotation layer l, slot l·n + q
+    cz_after: tuple[int | None, ...]  # parity of the CZ layer after each rotation layer (None: no CZ)
+    top_pairs: tuple[torch.Tensor, torch.Tensor]  # (h, 2^(h−1)) rows r with bit_q(r)=1 and their partners r⊕b_q
+    low_pairs: tuple[torch.Tensor, torch.Tensor]  # the same within the low group
+
+    @property
+    def rotation_layers(self) -> int:
+        return len(self.cz_after)
+
+
+def _bit_pairs(group_qubits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each qubit i of a group (i = 0 most significant): the indices with its bit set, and those with it cleared."""
+    index = torch.arange(1 << group_qubits)
+    masks = [1 << (group_qubits - 1 - i) for i in range(group_qubits)]
+    rows = torch.stack([index[(index & mask) != 0] for mask in masks]) if masks else torch.zeros(0, 0, dtype=torch.long)
+    masks_column = torch.tensor(masks, dtype=torch.long).reshape(-1, 1)
+    return rows, rows ^ masks_column
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_plan(n_qubits: int, n_layers: int) -> _LayerPlan:
+    slots: list[int] = []
+    cz_after: list[int | None] = []
+    for kind, arg in circuit_gates(n_qubits, n_layers):
+        if kind == "ry":
+            slots.append(len(cz_after) * n_qubits + arg)
+        else:
+            cz_after.append(arg)
+    if not cz_after or slots[-1] >= len(cz_after) * n_qubits:  # rotations after the last CZ: one more layer
+        cz_after.append(None)
+    split = n_qubits // 2
+    return _LayerPlan(n_qubits, split, torch.tensor(slots, dtype=torch.long), tuple(cz_after),
+                      _bit_pairs(split), _bit_pairs(n_qubits - split))
+
+
+def _kron_rotations(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """⊗_i RY_i for half-angle cos, sin (..., g) → (..., 2^g, 2^g); factor 0 acts on the most significant bit."""
+    matrix = torch.ones(*cos.shape[:-1], 1, 1, dtype=cos.dtype, device=cos.device)
+    for c, s in zip(cos.unbind(-1), sin.unbind(-1)):
+        rotation = torch.stack((torch.stack((c, -s), -1), torch.stack((s, c), -1)), -2)  # (..., 2, 2)
+        size = matrix.shape[-1] * 2
+        matrix = (matrix[..., :, None, :, None] * rotation[..., None, :, None, :]).reshape(*cos.shape[:-1], size, size)
+    return matrix
+
+
+def _layer_matrices(angles: torch.Tensor, plan: _LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_top (layers, B, 2^h, 2^h) and A_low (layers, B, 2^(n−h), 2^(n−h)) of each rotation layer; angles (B, P)."""
+    n, split = plan.n_qubits, plan.split
+    slots = plan.slot_of_angle.to(angles.device)
+    phi = angles.new_zeros(angles.shape[0], plan.rotation_layers * n).index_add_(1, slots, angles)
+    half = (phi / 2).view(angles.shape[0], plan.rotation_layers, n).transpose(0, 1)  # (layers, B, n)
+    cos, sin = half.cos(), half.sin()
+    return _kron_rotations(cos[..., :split], sin[..., :split]), _kron_rotations(cos[..., split:], sin[..., split:])
+
+
+def _layer_signs(plan: _LayerPlan, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor | None]:
+    """The CZ after each rotation layer as ±1 of shape (2^h, 1, 2^(n−h)) (the state layout), or None."""
+    low = 1 << (plan.n_qubits - plan.split)
+    return [None if parity is None else _cz_signs(plan.n_qubits, parity, device, dtype).view(-1, 1, low)
+            for parity in plan.cz_after]
+
+
+def _layered_forward(angles: torch.Tensor, plan: _LayerPlan, rank: int) -> torch.Tensor:
+    """Circuit columns (B, N, K) from angles (B, P), no autograd."""
+    batch, top, low = angles.shape[0], 1 << plan.split, 1 << (plan.n_qubits - plan.split)
+    a_top, a_low = _layer_matrices(angles, plan)
+    signs = _layer_signs(plan, angles.device, angles.dtype)
+    # the first layer on I[:, :K]: column k = (k // low, k % low) of A_top ⊗ A_low, an outer product
+    column = torch.arange(rank, device=angles.device)
+    state = (a_top[0][:, :, column // low, None] * a_low[0][:, None, :, column % low].transpose(-1, -2)).contiguous()
+    for layer in range(plan.rotation_layers):  # state: (B, 2^h, K, 2^(n−h))
+        if layer > 0:
+            state = torch.bmm(a_top[layer], state.view(batch, top, -1))
+            state = torch.bmm(state.view(batch, -1, low), a_low[layer].mT).view(batch, top, rank, low)
+        if signs[layer] is not None:
+            state = state.mul_(signs[layer])
+    return state.transpose(-1, -2).reshape(batch, top * low, rank)
+
+
+def _layered_backward(angles: torch.Tensor, columns: torch.Tensor, grad: torch.Tensor, plan: _LayerPlan) -> torch.Tensor:
+    """dLoss/dangles (B, P) from the output columns (B, N, K) and their gradient: the reverse walk (each layer is
+    orthogonal, so the state before it is Aᵀ times the state after it); memory O(N·K) besides the small A's."""
+    batch, rank = columns.shape[0], columns.shape[-1]
+    top, low = 1 << plan.split, 1 << (plan.n_qubits - plan.split)
+    a_top, a_low = _layer_matrices(angles, plan)
+    signs = _layer_signs(plan, angles.device, angles.dtype)
+    # both[0]: the state after the current layer, both[1]: dLoss/d(that state); layout (2, B, 2^h, K, 2^(n−h))
+    both = torch.stack((columns, grad.to(columns.dtype))).view(2, batch, top, low, rank).transpose(-1, -2).contiguous()
+    m_top = a_top.new_empty(a_top.shape)
+    m_low = a_low.new_empty(a_low.shape)
+    for layer in reversed(range(plan.rotation_layers)):
+        if signs[layer] is not None:  # CZ is its own inverse and transpose
+            both = both.mul_(signs[layer])
+        state, grad_state = both.unbind(0)
+        torch.bmm(grad_state.view(batch, top, -1), state.view(batch, top, -1).mT, out=m_top[layer])
+        torch.bmm(grad_state.view(batch, -1, low).mT, state.view(batch, -1, low), out=m_low[layer])
+        if layer > 0:  # the state and gradient before the layer (not needed before the first one)
+            both = torch.matmul(a_top[layer].mT, both.view(2, batch, top, -1))
+            both = torch.matmul(both.view(2, batch, -1, low), a_low[layer]).view(2, batch, top, rank, low)
+    per_qubit = torch.cat((_pair_sums(m_top, plan.top_pairs), _pair_sums(m_low, plan.low_pairs)), -1)  # (layers, B, n)
+    return per_qubit.transpose(0, 1).reshape(batch, -1)[:, plan.slot_of_angle.to(angles.device)]
+
+
+def _pair_sums(m: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """½ Σ_{r: bit_i(r)=1} (M[r, r⊕b_i] − M[r⊕b_i, r]) for each qubit i of the group: (..., G, G) → (..., g)."""
+    rows, partners = (index.to(m.device) for index in pairs)
+    return 0.5 * (m[..., rows, partners] - m[..., partners, rows]).sum(-1)
+
+
+def _flat_batch(angles: torch.Tensor) -> torch.Tensor:
+    """(..., P) → (B, P), also for P = 0."""
+    return angles.reshape(math.prod(angles.shape[:-1]), angles.shape[-1])
+
+
 class _LeanCircuit(torch.autograd.Function):
-    """The circuit with a reverse-walk backward: saves the output state only (O(N·K) memory)."""
+    """The layered circuit with a reverse-walk backward: saves the output state only (O(N·K) memory)."""
 
     @staticmethod
     def forward(ctx, angles: torch.Tensor, n_qubits: int, n_layers: int, rank: int) -> torch.Tensor:
-        half = angles / 2
-        state = _run_circuit(_basis_columns(angles, 1 << n_qubits, rank), half.cos(), half.sin(), n_qubits, n_layers)
-        ctx.save_for_backward(angles, state)
-        ctx.n_qubits, ctx.n_layers = n_qubits, n_layers
-        return state
+        plan = _layer_plan(n_qubits, n_layers)
+        columns = _layered_forward(_flat_batch(angles), plan, rank)
+        columns = columns.view(*angles.shape[:-1], *columns.shape[-2:])
+        ctx.save_for_backward(angles, columns)
+        ctx.plan = plan
+        return columns
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_state: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
-        angles, state = ctx.saved_tensors
-        n_qubits = ctx.n_qubits
-        half = angles / 2
-        cos, sin = half.cos(), half.sin()
-        grad_angles = torch.empty_like(angles)
-        # both[0]: the state after the current gate, both[1]: dLoss/d(that state); walked back gate by gate.
-        both = torch.stack((state, grad_state.to(state.dtype)))
-        angle = angles.shape[-1]
-        for kind, arg in reversed(circuit_gates(n_qubits, ctx.n_layers)):
-            if kind == "cz":  # CZ is its own inverse and transpose
-                both = both * _cz_signs(n_qubits, arg, state.device, state.dtype)
-                continue
-            angle -= 1
-            # d RY(θ)/dθ = ½ J RY(θ) with J = [[0, −1], [1, 0]], so dLoss/dθ = ½ ⟨grad, J·state_after⟩.
-            axis = both.view(2, *state.shape[:-2], 1 << arg, 2, -1)
-            (out0, out1), (grad0, grad1) = axis[0].unbind(-2), axis[1].unbind(-2)
-            grad_angles[..., angle] = 0.5 * (grad1 * out0 - grad0 * out1).sum((-2, -1))
-            both = _rotate(both, arg, cos[..., angle], -sin[..., angle])  # RY(θ)ᵀ = RY(−θ)
-        return grad_angles, None, None, None
+    def backward(ctx, grad_columns: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        angles, columns = ctx.saved_tensors
+        flat = _flat_batch(angles)
+        size = columns.shape[-2:]
+        grad_angles = _layered_backward(flat, columns.reshape(-1, *size), grad_columns.reshape(-1, *size), ctx.plan)
+        return grad_angles.view(angles.shape), None, None, None
 
 
 def pauli_circuit_columns(angles: torch.Tensor, n_qubits: int, n_layers: int, rank: int,
@@ -169,7 +284,10 @@ def pauli_circuit_columns(angles: torch.Tensor, n_qubits: int, n_layers: int, ra
     if angles.shape[-1] != expected:
         raise ValueError(f"{n_qubits} qubits and {n_layers} layers need {expected} angles, got {angles.shape[-1]}")
     _check_dims(1 << n_qubits, rank)
-    if memory_lean and angles.requires_grad and torch.is_grad_enabled():
+    if not (angles.requires_grad and torch.is_grad_enabled()):
+        columns = _layered_forward(_flat_batch(angles), _layer_plan(n_qubits, n_layers), rank)
+        return columns.view(*angles.shape[:-1], *columns.shape[-2:])
+    if memory_lean:
         return _LeanCircuit.apply(angles, n_qubits, n_layers, rank)
     half = angles / 2
     return _run_circuit(_basis_columns(angles, 1 << n_qubits, rank), half.cos(), half.sin(), n_qubits, n_layers)
