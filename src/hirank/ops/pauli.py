@@ -150,11 +150,11 @@ class _LayerPlan:
 
 def _bit_pairs(group_qubits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each qubit i of a group (i = 0 most significant): the indices with its bit set, and those with it cleared."""
-    index = torch.arange(1 << group_qubits)
     masks = [1 << (group_qubits - 1 - i) for i in range(group_qubits)]
-    rows = torch.stack([index[(index & mask) != 0] for mask in masks]) if masks else torch.zeros(0, 0, dtype=torch.long)
-    masks_column = torch.tensor(masks, dtype=torch.long).reshape(-1, 1)
-    return rows, rows ^ masks_column
+    rows = [[r for r in range(1 << group_qubits) if r & mask] for mask in masks]
+    partners = [[r ^ mask for r in row] for row, mask in zip(rows, masks)]
+    shape = (group_qubits, (1 << group_qubits) // 2)
+    return torch.tensor(rows, dtype=torch.long).view(shape), torch.tensor(partners, dtype=torch.long).view(shape)
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,12 +208,13 @@ def _layered_forward(angles: torch.Tensor, plan: _LayerPlan, rank: int) -> torch
     # the first layer on I[:, :K]: column k = (k // low, k % low) of A_top ⊗ A_low, an outer product
     column = torch.arange(rank, device=angles.device)
     state = (a_top[0][:, :, column // low, None] * a_low[0][:, None, :, column % low].transpose(-1, -2)).contiguous()
+    spare = torch.empty_like(state)  # GEMMs write into two alternating buffers: no fresh N·K allocation per layer
     for layer in range(plan.rotation_layers):  # state: (B, 2^h, K, 2^(n−h))
         if layer > 0:
-            state = torch.bmm(a_top[layer], state.view(batch, top, -1))
-            state = torch.bmm(state.view(batch, -1, low), a_low[layer].mT).view(batch, top, rank, low)
+            torch.bmm(a_top[layer], state.view(batch, top, -1), out=spare.view(batch, top, -1))
+            torch.bmm(spare.view(batch, -1, low), a_low[layer].mT, out=state.view(batch, -1, low))
         if signs[layer] is not None:
-            state = state.mul_(signs[layer])
+            state.mul_(signs[layer])
     return state.transpose(-1, -2).reshape(batch, top * low, rank)
 
 
@@ -225,18 +226,21 @@ def _layered_backward(angles: torch.Tensor, columns: torch.Tensor, grad: torch.T
     a_top, a_low = _layer_matrices(angles, plan)
     signs = _layer_signs(plan, angles.device, angles.dtype)
     # both[0]: the state after the current layer, both[1]: dLoss/d(that state); layout (2, B, 2^h, K, 2^(n−h))
-    both = torch.stack((columns, grad.to(columns.dtype))).view(2, batch, top, low, rank).transpose(-1, -2).contiguous()
+    both = columns.new_empty(2, batch, top, rank, low)
+    for slot, tensor in zip(both.unbind(0), (columns, grad)):
+        slot.copy_(tensor.view(batch, top, low, rank).transpose(-1, -2))
+    spare = torch.empty_like(both)
     m_top = a_top.new_empty(a_top.shape)
     m_low = a_low.new_empty(a_low.shape)
     for layer in reversed(range(plan.rotation_layers)):
         if signs[layer] is not None:  # CZ is its own inverse and transpose
-            both = both.mul_(signs[layer])
+            both.mul_(signs[layer])
         state, grad_state = both.unbind(0)
         torch.bmm(grad_state.view(batch, top, -1), state.view(batch, top, -1).mT, out=m_top[layer])
         torch.bmm(grad_state.view(batch, -1, low).mT, state.view(batch, -1, low), out=m_low[layer])
         if layer > 0:  # the state and gradient before the layer (not needed before the first one)
-            both = torch.matmul(a_top[layer].mT, both.view(2, batch, top, -1))
-            both = torch.matmul(both.view(2, batch, -1, low), a_low[layer]).view(2, batch, top, rank, low)
+            torch.matmul(a_top[layer].mT, both.view(2, batch, top, -1), out=spare.view(2, batch, top, -1))
+            torch.matmul(spare.view(2, batch, -1, low), a_low[layer], out=both.view(2, batch, -1, low))
     per_qubit = torch.cat((_pair_sums(m_top, plan.top_pairs), _pair_sums(m_low, plan.low_pairs)), -1)  # (layers, B, n)
     return per_qubit.transpose(0, 1).reshape(batch, -1)[:, plan.slot_of_angle.to(angles.device)]
 
