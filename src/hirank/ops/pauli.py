@@ -11,10 +11,13 @@ paper's Eq. 2 was not readable, spec §2.1): this gate order is the one that mat
 count; angles are consumed in gate order; qubit 0 is the most significant bit of the row index (the first
 axis of the row-major 2×…×2 view).
 
-The K columns are computed as a state of shape (N, K) = C(θ)·I[:, :K]: RY is a 2×2 rotation of one qubit
-axis of the (2, …, 2, K) view and CZ a ±1 sign per row; no N×N matrix is ever formed. The default backward
-is memory-lean: it saves only the final state and walks the circuit in reverse (every gate is orthogonal, so
-the state before a gate is Rᵀ times the state after it), so autograd memory is O(N·K), not O(#gates·N·K).
+The K columns are computed as a state of shape (N, K) = C(θ)·I[:, :K]; no N×N matrix is ever formed. By
+default the circuit runs as rotation layers (the RY's between two CZ layers), each a Kronecker product of two
+small orthogonal matrices applied as two GEMMs, with CZ a ±1 sign per row (see "the layered simulation" below).
+Its backward is memory-lean: it saves only the final state and walks the layers in reverse (each is orthogonal,
+so the state before it is Aᵀ times the state after it), so autograd memory is O(N·K), not O(#gates·N·K).
+``memory_lean=False`` applies the gates one by one under plain autograd (RY a 2×2 rotation of one qubit axis of
+the (2, …, 2, K) view): the reference the layered path is tested against.
 
 Non-power-of-two N (reconstruction of the paper's QSD split, spec §2.5 option b): N = N₁ + N₂ with
 N₁ = 2^⌊log₂N⌋. The columns are the first K columns of the orthogonal matrix diag(C_{N₁}, Q_{N₂}) · G(φ), where
@@ -282,7 +285,7 @@ def pauli_circuit_columns(angles: torch.Tensor, n_qubits: int, n_layers: int, ra
                           memory_lean: bool = True) -> torch.Tensor:
     """First ``rank`` columns of the circuit C(θ): angles (..., (2L+1)n − 2L) → (..., 2ⁿ, rank).
 
-    ``memory_lean=False`` runs the same gates under plain autograd (stores every intermediate state).
+    ``memory_lean=False`` applies the gates one by one under plain autograd (stores every intermediate state).
     """
     expected = pauli_angle_count(n_qubits, n_layers)
     if angles.shape[-1] != expected:
