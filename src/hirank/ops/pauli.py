@@ -126,9 +126,12 @@ def _basis_columns(angles: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
 # The RY's between two CZ layers act on distinct qubits or compose on one (RY(a)·RY(b) = RY(a+b), e.g. the first
 # RY on every qubit and the layer's first RY on qubits 0…n−2), so each such "rotation layer" is ⊗_q RY(φ_q) with
 # φ_q the sum of its angles on qubit q (0 for an idle qubit). Split at qubit h = ⌊n/2⌋, it is A_top ⊗ A_low
-# (2^h × 2^h and 2^(n−h) × 2^(n−h)). The state is kept as (B, 2^h, K, 2^(n−h)) (column index between the two
-# qubit groups), so A_top is one GEMM from the left on the (2^h, K·2^(n−h)) view and A_low one GEMM from the right
-# on the (2^h·K, 2^(n−h)) view: 2 GEMMs and one ±1 multiply per layer instead of n strided 2×2 updates.
+# (2^h × 2^h and 2^(n−h) × 2^(n−h)). The state is kept as (B, 2^h, K, 2^(n−h)): the column index between the two
+# qubit groups, the low group's qubits in reverse order (qubit n−1 its most significant bit). A_top is one GEMM
+# from the left on the (2^h, K·2^(n−h)) view and A_low one GEMM from the right on the (2^h·K, 2^(n−h)) view:
+# 2 GEMMs and one ±1 multiply per layer instead of n strided 2×2 updates. A layer with qubit 0 idle (RY on 1…n−1)
+# has A_top = I₂ ⊗ A′ and one with qubit n−1 idle (RY on 0…n−2) A_low = I₂ ⊗ A′ in that order, each applied as a
+# half-size GEMM on a view with the idle qubit as a batch axis.
 # Angle gradient from the layer's output state S and its gradient G (both before the layer's CZ): with
 # dRY/dθ = ½ J RY, J = [[0, −1], [1, 0]], dLoss/dφ_q = ½ ⟨G, J_q S⟩ = ½ Σ_{r: bit_q(r)=1} (M[r, r⊕b_q] − M[r⊕b_q, r])
 # where M = G·Sᵀ over the group of qubit q (a 2^h × 2^h or 2^(n−h) × 2^(n−h) GEMM); J_q commutes with the other
@@ -143,8 +146,11 @@ class _LayerPlan:
     split: int  # h: qubits 0…h−1 form the top group, h…n−1 the low group
     slot_of_angle: torch.Tensor  # (P,) long: angle i rotates qubit q of rotation layer l, slot l·n + q
     cz_after: tuple[int | None, ...]  # parity of the CZ layer after each rotation layer (None: no CZ)
+    top_idle: tuple[bool, ...]  # per layer: qubit 0 has no RY (A_top = I₂ ⊗ A′)
+    low_idle: tuple[bool, ...]  # per layer: qubit n−1 has no RY (A_low = I₂ ⊗ A′ in the reversed low order)
     top_pairs: tuple[torch.Tensor, torch.Tensor]  # (h, 2^(h−1)) rows r with bit_q(r)=1 and their partners r⊕b_q
-    low_pairs: tuple[torch.Tensor, torch.Tensor]  # the same within the low group
+    low_pairs: tuple[torch.Tensor, torch.Tensor]  # the same within the low group, qubit n−1 first
+    low_order: tuple[int, ...]  # layout index of each low index in natural order (bit reversal)
 
     @property
     def rotation_layers(self) -> int:
@@ -160,6 +166,11 @@ def _bit_pairs(group_qubits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(rows, dtype=torch.long).view(shape), torch.tensor(partners, dtype=torch.long).view(shape)
 
 
+def _bit_reversal(bits: int) -> tuple[int, ...]:
+    """Each index of ``bits`` bits with its bit order reversed."""
+    return tuple(sum(((index >> bit) & 1) << (bits - 1 - bit) for bit in range(bits)) for index in range(1 << bits))
+
+
 @functools.lru_cache(maxsize=None)
 def _layer_plan(n_qubits: int, n_layers: int) -> _LayerPlan:
     slots: list[int] = []
@@ -171,9 +182,11 @@ def _layer_plan(n_qubits: int, n_layers: int) -> _LayerPlan:
             cz_after.append(arg)
     if not cz_after or slots[-1] >= len(cz_after) * n_qubits:  # rotations after the last CZ: one more layer
         cz_after.append(None)
-    split = n_qubits // 2
-    return _LayerPlan(n_qubits, split, torch.tensor(slots, dtype=torch.long), tuple(cz_after),
-                      _bit_pairs(split), _bit_pairs(n_qubits - split))
+    split, layers = n_qubits // 2, range(len(cz_after))
+    top_idle = tuple(split > 0 and layer * n_qubits not in slots for layer in layers)
+    low_idle = tuple(n_qubits > split and layer * n_qubits + n_qubits - 1 not in slots for layer in layers)
+    return _LayerPlan(n_qubits, split, torch.tensor(slots, dtype=torch.long), tuple(cz_after), top_idle, low_idle,
+                      _bit_pairs(split), _bit_pairs(n_qubits - split), _bit_reversal(n_qubits - split))
 
 
 def _kron_rotations(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -186,54 +199,93 @@ def _kron_rotations(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return matrix
 
 
-def _layer_matrices(angles: torch.Tensor, plan: _LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """A_top (layers, B, 2^h, 2^h) and A_low (layers, B, 2^(n−h), 2^(n−h)) of each rotation layer; angles (B, P)."""
+def _layer_matrices(angles: torch.Tensor, plan: _LayerPlan, transpose_top: bool,
+                    transpose_low: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_top (layers, B, 2^h, 2^h) and A_low (layers, B, 2^(n−h), 2^(n−h)), in the state layout, of each rotation
+    layer (or their transposes, built as RY(−φ), contiguous for the GEMMs); angles (B, P)."""
     n, split = plan.n_qubits, plan.split
     slots = plan.slot_of_angle.to(angles.device)
     phi = angles.new_zeros(angles.shape[0], plan.rotation_layers * n).index_add_(1, slots, angles)
     half = (phi / 2).view(angles.shape[0], plan.rotation_layers, n).transpose(0, 1)  # (layers, B, n)
     cos, sin = half.cos(), half.sin()
-    return _kron_rotations(cos[..., :split], sin[..., :split]), _kron_rotations(cos[..., split:], sin[..., split:])
+    top = _kron_rotations(cos[..., :split], -sin[..., :split] if transpose_top else sin[..., :split])
+    low_cos, low_sin = cos[..., split:].flip(-1), sin[..., split:].flip(-1)  # the low group's layout order
+    return top, _kron_rotations(low_cos, -low_sin if transpose_low else low_sin)
 
 
 def _layer_signs(plan: _LayerPlan, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor | None]:
     """The CZ after each rotation layer as ±1 of shape (2^h, 1, 2^(n−h)) (the state layout), or None."""
     low = 1 << (plan.n_qubits - plan.split)
-    return [None if parity is None else _cz_signs(plan.n_qubits, parity, device, dtype).view(-1, 1, low)
+    order = torch.tensor(plan.low_order, device=device)
+    return [None if parity is None else _cz_signs(plan.n_qubits, parity, device, dtype).view(-1, 1, low)[..., order]
             for parity in plan.cz_after]
+
+
+def _layout_permutation(plan: _LayerPlan) -> tuple[int, ...]:
+    """Axes of (B, 2^h, 2, …, 2, K) (low qubits h…n−1) ↔ the layout (B, 2^h, K, 2, …, 2) (qubits n−1…h); the same
+    tuple maps either way."""
+    low_qubits = plan.n_qubits - plan.split
+    return (0, 1, low_qubits + 2, *range(low_qubits + 1, 1, -1))
+
+
+def _apply_top(matrix: torch.Tensor, state: torch.Tensor, out: torch.Tensor, idle: bool) -> None:
+    """out = (A_top on the top qubits) state; matrix (B, G, G), state and out (..., B, G, R), idle: I₂ ⊗ A′."""
+    size = matrix.shape[-1]
+    if idle:
+        half = size // 2
+        view = (*state.shape[:-2], 2, half, state.shape[-1])
+        torch.matmul(matrix[:, None, :half, :half], state.view(view), out=out.view(view))
+    else:
+        torch.matmul(matrix, state, out=out)
+
+
+def _apply_low(state: torch.Tensor, matrix: torch.Tensor, out: torch.Tensor, idle: bool) -> None:
+    """out = state · matrix on the low qubits; state and out (..., B, R, G), matrix (B, G, G), idle: I₂ ⊗ A′."""
+    size = matrix.shape[-1]
+    if idle:
+        half = size // 2
+        view = (*state.shape[:-2], -1, half)
+        torch.matmul(state.view(view), matrix[:, :half, :half], out=out.view(view))
+    else:
+        torch.matmul(state, matrix, out=out)
 
 
 def _layered_forward(angles: torch.Tensor, plan: _LayerPlan, rank: int) -> torch.Tensor:
     """Circuit columns (B, N, K) from angles (B, P), no autograd."""
     batch, top, low = angles.shape[0], 1 << plan.split, 1 << (plan.n_qubits - plan.split)
-    a_top, a_low = _layer_matrices(angles, plan)
+    a_top, a_low_t = _layer_matrices(angles, plan, transpose_top=False, transpose_low=True)
     signs = _layer_signs(plan, angles.device, angles.dtype)
     # the first layer on I[:, :K]: column k = (k // low, k % low) of A_top ⊗ A_low, an outer product
     column = torch.arange(rank, device=angles.device)
-    state = (a_top[0][:, :, column // low, None] * a_low[0][:, None, :, column % low].transpose(-1, -2)).contiguous()
+    low_column = torch.tensor(plan.low_order, device=angles.device)[column % low]
+    first_low = a_low_t[0][:, low_column, None, :]  # (B, K, 1, low): row k of A_lowᵀ = column k of A_low
+    state = (a_top[0][:, :, column // low, None] * first_low.transpose(1, 2)).contiguous()  # (B, 2^h, K, 2^(n−h))
     spare = torch.empty_like(state)  # GEMMs write into two alternating buffers: no fresh N·K allocation per layer
-    for layer in range(plan.rotation_layers):  # state: (B, 2^h, K, 2^(n−h))
+    for layer in range(plan.rotation_layers):
         if layer > 0:
-            torch.bmm(a_top[layer], state.view(batch, top, -1), out=spare.view(batch, top, -1))
-            torch.bmm(spare.view(batch, -1, low), a_low[layer].mT, out=state.view(batch, -1, low))
+            _apply_top(a_top[layer], state.view(batch, top, -1), spare.view(batch, top, -1), plan.top_idle[layer])
+            _apply_low(spare.view(batch, -1, low), a_low_t[layer], state.view(batch, -1, low), plan.low_idle[layer])
         if signs[layer] is not None:
             state.mul_(signs[layer])
-    return state.transpose(-1, -2).reshape(batch, top * low, rank)
+    natural = state.view(batch, top, rank, *[2] * (plan.n_qubits - plan.split)).permute(_layout_permutation(plan))
+    return natural.reshape(batch, top * low, rank)
 
 
 def _layered_backward(angles: torch.Tensor, columns: torch.Tensor, grad: torch.Tensor, plan: _LayerPlan) -> torch.Tensor:
     """dLoss/dangles (B, P) from the output columns (B, N, K) and their gradient: the reverse walk (each layer is
     orthogonal, so the state before it is Aᵀ times the state after it); memory O(N·K) besides the small A's."""
     batch, rank = columns.shape[0], columns.shape[-1]
-    top, low = 1 << plan.split, 1 << (plan.n_qubits - plan.split)
-    a_top, a_low = _layer_matrices(angles, plan)
+    low_qubits = plan.n_qubits - plan.split
+    top, low = 1 << plan.split, 1 << low_qubits
+    a_top_t, a_low = _layer_matrices(angles, plan, transpose_top=True, transpose_low=False)
     signs = _layer_signs(plan, angles.device, angles.dtype)
     # both[0]: the state after the current layer, both[1]: dLoss/d(that state); layout (2, B, 2^h, K, 2^(n−h))
     both = columns.new_empty(2, batch, top, rank, low)
     for slot, tensor in zip(both.unbind(0), (columns, grad)):
-        slot.copy_(tensor.view(batch, top, low, rank).transpose(-1, -2))
+        natural = tensor.view(batch, top, *[2] * low_qubits, rank)
+        slot.view(batch, top, rank, *[2] * low_qubits).copy_(natural.permute(_layout_permutation(plan)))
     spare = torch.empty_like(both)
-    m_top = a_top.new_empty(a_top.shape)
+    m_top = a_top_t.new_empty(a_top_t.shape)
     m_low = a_low.new_empty(a_low.shape)
     for layer in reversed(range(plan.rotation_layers)):
         if signs[layer] is not None:  # CZ is its own inverse and transpose
@@ -242,14 +294,16 @@ def _layered_backward(angles: torch.Tensor, columns: torch.Tensor, grad: torch.T
         torch.bmm(grad_state.view(batch, top, -1), state.view(batch, top, -1).mT, out=m_top[layer])
         torch.bmm(grad_state.view(batch, -1, low).mT, state.view(batch, -1, low), out=m_low[layer])
         if layer > 0:  # the state and gradient before the layer (not needed before the first one)
-            torch.matmul(a_top[layer].mT, both.view(2, batch, top, -1), out=spare.view(2, batch, top, -1))
-            torch.matmul(spare.view(2, batch, -1, low), a_low[layer], out=both.view(2, batch, -1, low))
-    per_qubit = torch.cat((_pair_sums(m_top, plan.top_pairs), _pair_sums(m_low, plan.low_pairs)), -1)  # (layers, B, n)
+            _apply_top(a_top_t[layer], both.view(2, batch, top, -1), spare.view(2, batch, top, -1),
+                       plan.top_idle[layer])
+            _apply_low(spare.view(2, batch, -1, low), a_low[layer], both.view(2, batch, -1, low), plan.low_idle[layer])
+    low_sums = _pair_sums(m_low, plan.low_pairs).flip(-1)  # back to qubits h…n−1
+    per_qubit = torch.cat((_pair_sums(m_top, plan.top_pairs), low_sums), -1)  # (layers, B, n)
     return per_qubit.transpose(0, 1).reshape(batch, -1)[:, plan.slot_of_angle.to(angles.device)]
 
 
 def _pair_sums(m: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """½ Σ_{r: bit_i(r)=1} (M[r, r⊕b_i] − M[r⊕b_i, r]) for each qubit i of the group: (..., G, G) → (..., g)."""
+    """½ Σ_{r: bit_i(r)=1} (M[r, r⊕b_i] − M[r⊕b_i, r]) for each qubit i of a group: (..., G, G) → (..., g)."""
     rows, partners = (index.to(m.device) for index in pairs)
     return 0.5 * (m[..., rows, partners] - m[..., partners, rows]).sum(-1)
 
