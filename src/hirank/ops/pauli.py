@@ -127,7 +127,7 @@ def _basis_columns(angles: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
 # RY on every qubit and the layer's first RY on qubits 0…n−2), so each such "rotation layer" is ⊗_q RY(φ_q) with
 # φ_q the sum of its angles on qubit q (0 for an idle qubit). Split at qubit h = ⌊n/2⌋, it is A_top ⊗ A_low
 # (2^h × 2^h and 2^(n−h) × 2^(n−h)). The state is kept as (B, 2^h, K, 2^(n−h)): the column index between the two
-# qubit groups, the low group's qubits in reverse order (qubit n−1 its most significant bit). A_top is one GEMM
+# qubit groups, the low group's qubits ordered n−1, h, …, n−2 (qubit n−1 its most significant bit). A_top is one GEMM
 # from the left on the (2^h, K·2^(n−h)) view and A_low one GEMM from the right on the (2^h·K, 2^(n−h)) view:
 # 2 GEMMs and one ±1 multiply per layer instead of n strided 2×2 updates. A layer with qubit 0 idle (RY on 1…n−1)
 # has A_top = I₂ ⊗ A′ and one with qubit n−1 idle (RY on 0…n−2) A_low = I₂ ⊗ A′ in that order, each applied as a
@@ -149,8 +149,9 @@ class _LayerPlan:
     top_idle: tuple[bool, ...]  # per layer: qubit 0 has no RY (A_top = I₂ ⊗ A′)
     low_idle: tuple[bool, ...]  # per layer: qubit n−1 has no RY (A_low = I₂ ⊗ A′ in the reversed low order)
     top_pairs: tuple[torch.Tensor, torch.Tensor]  # (h, 2^(h−1)) rows r with bit_q(r)=1 and their partners r⊕b_q
-    low_pairs: tuple[torch.Tensor, torch.Tensor]  # the same within the low group, qubit n−1 first
-    low_order: tuple[int, ...]  # layout index of each low index in natural order (bit reversal)
+    low_pairs: tuple[torch.Tensor, torch.Tensor]  # the same within the low group, in its layout order
+    low_order: tuple[int, ...]  # layout index of each low index in natural order (its last bit moved first)
+    low_source: tuple[int, ...]  # natural low index of each layout index (the inverse of low_order)
 
     @property
     def rotation_layers(self) -> int:
@@ -166,9 +167,9 @@ def _bit_pairs(group_qubits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(rows, dtype=torch.long).view(shape), torch.tensor(partners, dtype=torch.long).view(shape)
 
 
-def _bit_reversal(bits: int) -> tuple[int, ...]:
-    """Each index of ``bits`` bits with its bit order reversed."""
-    return tuple(sum(((index >> bit) & 1) << (bits - 1 - bit) for bit in range(bits)) for index in range(1 << bits))
+def _last_bit_first(bits: int) -> tuple[int, ...]:
+    """Each index of ``bits`` bits with its least significant bit moved to the most significant place."""
+    return tuple(((index & 1) << (bits - 1)) | (index >> 1) for index in range(1 << bits)) if bits else (0,)
 
 
 @functools.lru_cache(maxsize=None)
@@ -183,10 +184,11 @@ def _layer_plan(n_qubits: int, n_layers: int) -> _LayerPlan:
     if not cz_after or slots[-1] >= len(cz_after) * n_qubits:  # rotations after the last CZ: one more layer
         cz_after.append(None)
     split, layers = n_qubits // 2, range(len(cz_after))
+    order = _last_bit_first(n_qubits - split)
     top_idle = tuple(split > 0 and layer * n_qubits not in slots for layer in layers)
     low_idle = tuple(n_qubits > split and layer * n_qubits + n_qubits - 1 not in slots for layer in layers)
     return _LayerPlan(n_qubits, split, torch.tensor(slots, dtype=torch.long), tuple(cz_after), top_idle, low_idle,
-                      _bit_pairs(split), _bit_pairs(n_qubits - split), _bit_reversal(n_qubits - split))
+                      _bit_pairs(split), _bit_pairs(n_qubits - split), order, tuple(order.index(i) for i in range(len(order))))
 
 
 def _kron_rotations(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -209,23 +211,24 @@ def _layer_matrices(angles: torch.Tensor, plan: _LayerPlan, transpose_top: bool,
     half = (phi / 2).view(angles.shape[0], plan.rotation_layers, n).transpose(0, 1)  # (layers, B, n)
     cos, sin = half.cos(), half.sin()
     top = _kron_rotations(cos[..., :split], -sin[..., :split] if transpose_top else sin[..., :split])
-    low_cos, low_sin = cos[..., split:].flip(-1), sin[..., split:].flip(-1)  # the low group's layout order
+    low_cos, low_sin = cos[..., split:].roll(1, -1), sin[..., split:].roll(1, -1)  # layout order n−1, h, …, n−2
     return top, _kron_rotations(low_cos, -low_sin if transpose_low else low_sin)
 
 
 def _layer_signs(plan: _LayerPlan, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor | None]:
     """The CZ after each rotation layer as ±1 of shape (2^h, 1, 2^(n−h)) (the state layout), or None."""
     low = 1 << (plan.n_qubits - plan.split)
-    order = torch.tensor(plan.low_order, device=device)
-    return [None if parity is None else _cz_signs(plan.n_qubits, parity, device, dtype).view(-1, 1, low)[..., order]
+    source = torch.tensor(plan.low_source, device=device)
+    return [None if parity is None else _cz_signs(plan.n_qubits, parity, device, dtype).view(-1, 1, low)[..., source]
             for parity in plan.cz_after]
 
 
-def _layout_permutation(plan: _LayerPlan) -> tuple[int, ...]:
-    """Axes of (B, 2^h, 2, …, 2, K) (low qubits h…n−1) ↔ the layout (B, 2^h, K, 2, …, 2) (qubits n−1…h); the same
-    tuple maps either way."""
-    low_qubits = plan.n_qubits - plan.split
-    return (0, 1, low_qubits + 2, *range(low_qubits + 1, 1, -1))
+def _layout_views(plan: _LayerPlan, batch: int, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes (B, 2^h, 2^(n−h−1), 2, K) of the natural (B, N, K) and (B, 2^h, K, 2, 2^(n−h−1)) of the state layout:
+    permute(0, 1, 4, 3, 2) maps either to the other (qubit n−1 is the 2)."""
+    low = 1 << (plan.n_qubits - plan.split)
+    pair = min(low, 2)
+    return (batch, 1 << plan.split, low // pair, pair, rank), (batch, 1 << plan.split, rank, pair, low // pair)
 
 
 def _apply_top(matrix: torch.Tensor, state: torch.Tensor, out: torch.Tensor, idle: bool) -> None:
@@ -267,8 +270,8 @@ def _layered_forward(angles: torch.Tensor, plan: _LayerPlan, rank: int) -> torch
             _apply_low(spare.view(batch, -1, low), a_low_t[layer], state.view(batch, -1, low), plan.low_idle[layer])
         if signs[layer] is not None:
             state.mul_(signs[layer])
-    natural = state.view(batch, top, rank, *[2] * (plan.n_qubits - plan.split)).permute(_layout_permutation(plan))
-    return natural.reshape(batch, top * low, rank)
+    _, layout = _layout_views(plan, batch, rank)
+    return state.view(layout).permute(0, 1, 4, 3, 2).reshape(batch, top * low, rank)
 
 
 def _layered_backward(angles: torch.Tensor, columns: torch.Tensor, grad: torch.Tensor, plan: _LayerPlan) -> torch.Tensor:
@@ -281,9 +284,9 @@ def _layered_backward(angles: torch.Tensor, columns: torch.Tensor, grad: torch.T
     signs = _layer_signs(plan, angles.device, angles.dtype)
     # both[0]: the state after the current layer, both[1]: dLoss/d(that state); layout (2, B, 2^h, K, 2^(n−h))
     both = columns.new_empty(2, batch, top, rank, low)
+    natural, layout = _layout_views(plan, batch, rank)
     for slot, tensor in zip(both.unbind(0), (columns, grad)):
-        natural = tensor.view(batch, top, *[2] * low_qubits, rank)
-        slot.view(batch, top, rank, *[2] * low_qubits).copy_(natural.permute(_layout_permutation(plan)))
+        slot.view(layout).copy_(tensor.view(natural).permute(0, 1, 4, 3, 2))
     spare = torch.empty_like(both)
     m_top = a_top_t.new_empty(a_top_t.shape)
     m_low = a_low.new_empty(a_low.shape)
@@ -297,7 +300,7 @@ def _layered_backward(angles: torch.Tensor, columns: torch.Tensor, grad: torch.T
             _apply_top(a_top_t[layer], both.view(2, batch, top, -1), spare.view(2, batch, top, -1),
                        plan.top_idle[layer])
             _apply_low(spare.view(2, batch, -1, low), a_low[layer], both.view(2, batch, -1, low), plan.low_idle[layer])
-    low_sums = _pair_sums(m_low, plan.low_pairs).flip(-1)  # back to qubits h…n−1
+    low_sums = _pair_sums(m_low, plan.low_pairs).roll(-1, -1)  # back to qubits h…n−1
     per_qubit = torch.cat((_pair_sums(m_top, plan.top_pairs), low_sums), -1)  # (layers, B, n)
     return per_qubit.transpose(0, 1).reshape(batch, -1)[:, plan.slot_of_angle.to(angles.device)]
 
