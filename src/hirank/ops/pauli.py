@@ -122,20 +122,22 @@ def _basis_columns(angles: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
     return eye.expand(*angles.shape[:-1], dim, rank).contiguous()
 
 
-# ---- the layered simulation (the default): each rotation layer as two GEMMs -----------------------------------
+# ---- the layered simulation (the default): blocks of rotation layers as two GEMMs ------------------------------
 # The RY's between two CZ layers act on distinct qubits or compose on one (RY(a)·RY(b) = RY(a+b), e.g. the first
 # RY on every qubit and the layer's first RY on qubits 0…n−2), so each such "rotation layer" is ⊗_q RY(φ_q) with
 # φ_q the sum of its angles on qubit q (0 for an idle qubit). Split at qubit h = ⌊n/2⌋, it is A_top ⊗ A_low
-# (2^h × 2^h and 2^(n−h) × 2^(n−h)). The state is kept as (B, 2^h, K, 2^(n−h)): the column index between the two
-# qubit groups, the low group's qubits ordered n−1, h, …, n−2 (qubit n−1 its most significant bit). A_top is one GEMM
-# from the left on the (2^h, K·2^(n−h)) view and A_low one GEMM from the right on the (2^h·K, 2^(n−h)) view:
-# 2 GEMMs and one ±1 multiply per layer instead of n strided 2×2 updates. A layer with qubit 0 idle (RY on 1…n−1)
-# has A_top = I₂ ⊗ A′ and one with qubit n−1 idle (RY on 0…n−2) A_low = I₂ ⊗ A′ in that order, each applied as a
-# half-size GEMM on a view with the idle qubit as a batch axis.
-# Angle gradient from the layer's output state S and its gradient G (both before the layer's CZ): with
-# dRY/dθ = ½ J RY, J = [[0, −1], [1, 0]], dLoss/dφ_q = ½ ⟨G, J_q S⟩ = ½ Σ_{r: bit_q(r)=1} (M[r, r⊕b_q] − M[r⊕b_q, r])
-# where M = G·Sᵀ over the group of qubit q (a 2^h × 2^h or 2^(n−h) × 2^(n−h) GEMM); J_q commutes with the other
-# group's factor, so both M's are taken at the same point of the walk. Merged angles share their φ's gradient.
+# (2^h × 2^h and 2^(n−h) × 2^(n−h)). A CZ layer without the pair (h−1, h) is D_top ⊗ D_low (signs), so the layers
+# between two CZ layers *with* that pair compose into one Kronecker pair, a "block": P_top ⊗ P_low with
+# P = D_k A_k ⋯ D_1 A_1 (for L = 4 at n = 10: 5 blocks for 8 rotation layers). The state is kept as
+# (B, 2^h, K, 2^(n−h)): the column index between the two qubit groups, the low group's qubits ordered n−1, h, …,
+# n−2. P_top is one GEMM from the left on the (2^h, K·2^(n−h)) view and P_low one from the right on the
+# (2^h·K, 2^(n−h)) view; the first block on I[:, :K] is an outer product; a CZ with the pair (h−1, h) is one ±1
+# multiply. Angle gradient of layer i from the state S_i after its A_i (before its CZ) and the gradient G_i there:
+# with dRY/dθ = ½ J RY, J = [[0, −1], [1, 0]], dLoss/dφ_q = ½ ⟨G_i, J_q S_i⟩ = ½ Σ_{r: bit_q(r)=1}
+# (M_i[r, r⊕b_q] − M_i[r⊕b_q, r]) with M_i = G_i·S_iᵀ over the group of qubit q. Only the block's output is
+# visited by the reverse walk; since S_out = Q S_i with Q = Q_top ⊗ Q_low orthogonal (the factors after A_i),
+# M_i = Q_topᵀ M_out Q_top (the other group's factor cancels): small-matrix products, not passes over the state.
+# Merged angles share their φ's gradient.
 
 
 @dataclass(frozen=True)
@@ -146,8 +148,8 @@ class _LayerPlan:
     split: int  # h: qubits 0…h−1 form the top group, h…n−1 the low group
     slot_of_angle: torch.Tensor  # (P,) long: angle i rotates qubit q of rotation layer l, slot l·n + q
     cz_after: tuple[int | None, ...]  # parity of the CZ layer after each rotation layer (None: no CZ)
-    top_idle: tuple[bool, ...]  # per layer: qubit 0 has no RY (A_top = I₂ ⊗ A′)
-    low_idle: tuple[bool, ...]  # per layer: qubit n−1 has no RY (A_low = I₂ ⊗ A′ in the reversed low order)
+    straddles: tuple[bool, ...]  # per layer: its CZ has the pair (h−1, h) (applied as a ±1 multiply)
+    blocks: tuple[tuple[int, ...], ...]  # rotation layers composed into one Kronecker pair
     top_pairs: tuple[torch.Tensor, torch.Tensor]  # (h, 2^(h−1)) rows r with bit_q(r)=1 and their partners r⊕b_q
     low_pairs: tuple[torch.Tensor, torch.Tensor]  # the same within the low group, in its layout order
     low_order: tuple[int, ...]  # layout index of each low index in natural order (its last bit moved first)
@@ -183,12 +185,18 @@ def _layer_plan(n_qubits: int, n_layers: int) -> _LayerPlan:
             cz_after.append(arg)
     if not cz_after or slots[-1] >= len(cz_after) * n_qubits:  # rotations after the last CZ: one more layer
         cz_after.append(None)
-    split, layers = n_qubits // 2, range(len(cz_after))
+    split = n_qubits // 2
+    # CZ(p) acts on the pairs (p, p+1), (p+2, p+3), …: it holds (h−1, h) when h−1 ≥ p has p's parity
+    straddles = tuple(p is not None and split >= 1 and split - 1 >= p and (split - 1 - p) % 2 == 0 for p in cz_after)
+    blocks: list[list[int]] = [[]]
+    for layer, straddling in enumerate(straddles):
+        blocks[-1].append(layer)
+        if straddling and layer + 1 < len(straddles):
+            blocks.append([])
     order = _last_bit_first(n_qubits - split)
-    top_idle = tuple(split > 0 and layer * n_qubits not in slots for layer in layers)
-    low_idle = tuple(n_qubits > split and layer * n_qubits + n_qubits - 1 not in slots for layer in layers)
-    return _LayerPlan(n_qubits, split, torch.tensor(slots, dtype=torch.long), tuple(cz_after), top_idle, low_idle,
-                      _bit_pairs(split), _bit_pairs(n_qubits - split), order, tuple(order.index(i) for i in range(len(order))))
+    return _LayerPlan(n_qubits, split, torch.tensor(slots, dtype=torch.long), tuple(cz_after), straddles,
+                      tuple(tuple(block) for block in blocks), _bit_pairs(split), _bit_pairs(n_qubits - split),
+                      order, tuple(order.index(i) for i in range(len(order))))
 
 
 def _kron_rotations(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -201,26 +209,49 @@ def _kron_rotations(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return matrix
 
 
-def _layer_matrices(angles: torch.Tensor, plan: _LayerPlan, transpose_top: bool,
-                    transpose_low: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A_top (layers, B, 2^h, 2^h) and A_low (layers, B, 2^(n−h), 2^(n−h)), in the state layout, of each rotation
-    layer (or their transposes, built as RY(−φ), contiguous for the GEMMs); angles (B, P)."""
+def _layer_matrices(angles: torch.Tensor, plan: _LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_top (layers, B, 2^h, 2^h) and A_low (layers, B, 2^(n−h), 2^(n−h)) of each rotation layer, in the state
+    layout; angles (B, P)."""
     n, split = plan.n_qubits, plan.split
     slots = plan.slot_of_angle.to(angles.device)
     phi = angles.new_zeros(angles.shape[0], plan.rotation_layers * n).index_add_(1, slots, angles)
     half = (phi / 2).view(angles.shape[0], plan.rotation_layers, n).transpose(0, 1)  # (layers, B, n)
     cos, sin = half.cos(), half.sin()
-    top = _kron_rotations(cos[..., :split], -sin[..., :split] if transpose_top else sin[..., :split])
     low_cos, low_sin = cos[..., split:].roll(1, -1), sin[..., split:].roll(1, -1)  # layout order n−1, h, …, n−2
-    return top, _kron_rotations(low_cos, -low_sin if transpose_low else low_sin)
+    return _kron_rotations(cos[..., :split], sin[..., :split]), _kron_rotations(low_cos, low_sin)
 
 
-def _layer_signs(plan: _LayerPlan, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor | None]:
-    """The CZ after each rotation layer as ±1 of shape (2^h, 1, 2^(n−h)) (the state layout), or None."""
+_Signs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ±1 as (2^h, 1, 2^(n−h)) and its top / low factors
+
+
+def _layer_signs(plan: _LayerPlan, device: torch.device, dtype: torch.dtype) -> list[_Signs | None]:
+    """The CZ after each rotation layer in the state layout, or None; the factors (2^h,) and (2^(n−h),) are what
+    it is when it does not straddle the split (sign[t, l] = sign[t, 0]·sign[0, l], sign[0, 0] = 1)."""
     low = 1 << (plan.n_qubits - plan.split)
     source = torch.tensor(plan.low_source, device=device)
-    return [None if parity is None else _cz_signs(plan.n_qubits, parity, device, dtype).view(-1, 1, low)[..., source]
-            for parity in plan.cz_after]
+    signs: list[_Signs | None] = []
+    for parity in plan.cz_after:
+        if parity is None:
+            signs.append(None)
+            continue
+        full = _cz_signs(plan.n_qubits, parity, device, dtype).view(-1, low)[:, source]
+        signs.append((full.unsqueeze(1), full[:, 0], full[0, :]))
+    return signs
+
+
+def _block_matrices(a_top: torch.Tensor, a_low: torch.Tensor, signs: list[_Signs | None],
+                    plan: _LayerPlan) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(P_top, P_low) (B, G, G) of each block: P = D_k A_k ⋯ D_1 A_1, D the CZ signs that do not straddle."""
+    products = []
+    for block in plan.blocks:
+        top, low = a_top[block[0]], a_low[block[0]]
+        for layer in block:
+            if layer != block[0]:
+                top, low = a_top[layer] @ top, a_low[layer] @ low
+            if signs[layer] is not None and not plan.straddles[layer]:
+                top, low = top * signs[layer][1][:, None], low * signs[layer][2][:, None]
+        products.append((top, low))
+    return products
 
 
 def _layout_views(plan: _LayerPlan, batch: int, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -231,77 +262,65 @@ def _layout_views(plan: _LayerPlan, batch: int, rank: int) -> tuple[tuple[int, .
     return (batch, 1 << plan.split, low // pair, pair, rank), (batch, 1 << plan.split, rank, pair, low // pair)
 
 
-def _apply_top(matrix: torch.Tensor, state: torch.Tensor, out: torch.Tensor, idle: bool) -> None:
-    """out = (A_top on the top qubits) state; matrix (B, G, G), state and out (..., B, G, R), idle: I₂ ⊗ A′."""
-    size = matrix.shape[-1]
-    if idle:
-        half = size // 2
-        view = (*state.shape[:-2], 2, half, state.shape[-1])
-        torch.matmul(matrix[:, None, :half, :half], state.view(view), out=out.view(view))
-    else:
-        torch.matmul(matrix, state, out=out)
-
-
-def _apply_low(state: torch.Tensor, matrix: torch.Tensor, out: torch.Tensor, idle: bool) -> None:
-    """out = state · matrix on the low qubits; state and out (..., B, R, G), matrix (B, G, G), idle: I₂ ⊗ A′."""
-    size = matrix.shape[-1]
-    if idle:
-        half = size // 2
-        view = (*state.shape[:-2], -1, half)
-        torch.matmul(state.view(view), matrix[:, :half, :half], out=out.view(view))
-    else:
-        torch.matmul(state, matrix, out=out)
-
-
 def _layered_forward(angles: torch.Tensor, plan: _LayerPlan, rank: int) -> torch.Tensor:
     """Circuit columns (B, N, K) from angles (B, P), no autograd."""
     batch, top, low = angles.shape[0], 1 << plan.split, 1 << (plan.n_qubits - plan.split)
-    a_top, a_low_t = _layer_matrices(angles, plan, transpose_top=False, transpose_low=True)
+    a_top, a_low = _layer_matrices(angles, plan)
     signs = _layer_signs(plan, angles.device, angles.dtype)
-    # the first layer on I[:, :K]: column k = (k // low, k % low) of A_top ⊗ A_low, an outer product
+    blocks = _block_matrices(a_top, a_low, signs, plan)
+    # the first block on I[:, :K]: column k = (k // low, k % low) of P_top ⊗ P_low, an outer product
     column = torch.arange(rank, device=angles.device)
     low_column = torch.tensor(plan.low_order, device=angles.device)[column % low]
-    first_low = a_low_t[0][:, low_column, None, :]  # (B, K, 1, low): row k of A_lowᵀ = column k of A_low
-    state = (a_top[0][:, :, column // low, None] * first_low.transpose(1, 2)).contiguous()  # (B, 2^h, K, 2^(n−h))
-    spare = torch.empty_like(state)  # GEMMs write into two alternating buffers: no fresh N·K allocation per layer
-    for layer in range(plan.rotation_layers):
-        if layer > 0:
-            _apply_top(a_top[layer], state.view(batch, top, -1), spare.view(batch, top, -1), plan.top_idle[layer])
-            _apply_low(spare.view(batch, -1, low), a_low_t[layer], state.view(batch, -1, low), plan.low_idle[layer])
-        if signs[layer] is not None:
-            state.mul_(signs[layer])
+    first_top, first_low = blocks[0]
+    state = (first_top[:, :, column // low, None] * first_low[:, None, :, low_column].transpose(-1, -2)).contiguous()
+    spare = torch.empty_like(state)  # GEMMs write into two alternating buffers: no fresh N·K allocation per block
+    for index, (block, (p_top, p_low)) in enumerate(zip(plan.blocks, blocks)):  # state: (B, 2^h, K, 2^(n−h))
+        if index > 0:
+            torch.bmm(p_top, state.view(batch, top, -1), out=spare.view(batch, top, -1))
+            torch.bmm(spare.view(batch, -1, low), p_low.mT.contiguous(), out=state.view(batch, -1, low))
+        if plan.straddles[block[-1]]:
+            state.mul_(signs[block[-1]][0])
     _, layout = _layout_views(plan, batch, rank)
     return state.view(layout).permute(0, 1, 4, 3, 2).reshape(batch, top * low, rank)
 
 
 def _layered_backward(angles: torch.Tensor, columns: torch.Tensor, grad: torch.Tensor, plan: _LayerPlan) -> torch.Tensor:
-    """dLoss/dangles (B, P) from the output columns (B, N, K) and their gradient: the reverse walk (each layer is
-    orthogonal, so the state before it is Aᵀ times the state after it); memory O(N·K) besides the small A's."""
+    """dLoss/dangles (B, P) from the output columns (B, N, K) and their gradient: the reverse walk over the blocks
+    (each is orthogonal, so the state before it is Pᵀ times the state after it); memory O(N·K) besides the small
+    matrices."""
     batch, rank = columns.shape[0], columns.shape[-1]
-    low_qubits = plan.n_qubits - plan.split
-    top, low = 1 << plan.split, 1 << low_qubits
-    a_top_t, a_low = _layer_matrices(angles, plan, transpose_top=True, transpose_low=False)
+    top, low = 1 << plan.split, 1 << (plan.n_qubits - plan.split)
+    a_top, a_low = _layer_matrices(angles, plan)
     signs = _layer_signs(plan, angles.device, angles.dtype)
-    # both[0]: the state after the current layer, both[1]: dLoss/d(that state); layout (2, B, 2^h, K, 2^(n−h))
+    blocks = _block_matrices(a_top, a_low, signs, plan)
+    # both[0]: the state after the current block, both[1]: dLoss/d(that state); layout (2, B, 2^h, K, 2^(n−h))
     both = columns.new_empty(2, batch, top, rank, low)
     natural, layout = _layout_views(plan, batch, rank)
     for slot, tensor in zip(both.unbind(0), (columns, grad)):
         slot.view(layout).copy_(tensor.view(natural).permute(0, 1, 4, 3, 2))
     spare = torch.empty_like(both)
-    m_top = a_top_t.new_empty(a_top_t.shape)
-    m_low = a_low.new_empty(a_low.shape)
-    for layer in reversed(range(plan.rotation_layers)):
-        if signs[layer] is not None:  # CZ is its own inverse and transpose
-            both.mul_(signs[layer])
+    m_top: list[torch.Tensor | None] = [None] * plan.rotation_layers
+    m_low: list[torch.Tensor | None] = [None] * plan.rotation_layers
+    for index in reversed(range(len(plan.blocks))):
+        block, (p_top, p_low) = plan.blocks[index], blocks[index]
+        if plan.straddles[block[-1]]:  # CZ is its own inverse and transpose
+            both.mul_(signs[block[-1]][0])
         state, grad_state = both.unbind(0)
-        torch.bmm(grad_state.view(batch, top, -1), state.view(batch, top, -1).mT, out=m_top[layer])
-        torch.bmm(grad_state.view(batch, -1, low).mT, state.view(batch, -1, low), out=m_low[layer])
-        if layer > 0:  # the state and gradient before the layer (not needed before the first one)
-            _apply_top(a_top_t[layer], both.view(2, batch, top, -1), spare.view(2, batch, top, -1),
-                       plan.top_idle[layer])
-            _apply_low(spare.view(2, batch, -1, low), a_low[layer], both.view(2, batch, -1, low), plan.low_idle[layer])
-    low_sums = _pair_sums(m_low, plan.low_pairs).roll(-1, -1)  # back to qubits h…n−1
-    per_qubit = torch.cat((_pair_sums(m_top, plan.top_pairs), low_sums), -1)  # (layers, B, n)
+        out_top = torch.bmm(grad_state.view(batch, top, -1), state.view(batch, top, -1).mT)  # M = G·Sᵀ
+        out_low = torch.bmm(grad_state.view(batch, -1, low).mT, state.view(batch, -1, low))
+        for layer in reversed(block):  # M of each layer: after its A, before its CZ (Qᵀ M Q, see above)
+            if layer != block[-1]:
+                out_top = a_top[layer + 1].mT @ out_top @ a_top[layer + 1]
+                out_low = a_low[layer + 1].mT @ out_low @ a_low[layer + 1]
+            if signs[layer] is not None and not plan.straddles[layer]:  # D M D
+                d_top, d_low = signs[layer][1], signs[layer][2]
+                out_top, out_low = out_top * (d_top[:, None] * d_top), out_low * (d_low[:, None] * d_low)
+            m_top[layer], m_low[layer] = out_top, out_low
+        if index > 0:  # the state and gradient before the block (not needed before the first one)
+            torch.matmul(p_top.mT.contiguous(), both.view(2, batch, top, -1), out=spare.view(2, batch, top, -1))
+            torch.matmul(spare.view(2, batch, -1, low), p_low, out=both.view(2, batch, -1, low))
+    low_sums = _pair_sums(torch.stack(m_low), plan.low_pairs).roll(-1, -1)  # back to qubits h…n−1
+    per_qubit = torch.cat((_pair_sums(torch.stack(m_top), plan.top_pairs), low_sums), -1)  # (layers, B, n)
     return per_qubit.transpose(0, 1).reshape(batch, -1)[:, plan.slot_of_angle.to(angles.device)]
 
 
