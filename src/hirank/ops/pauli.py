@@ -12,10 +12,11 @@ count; angles are consumed in gate order; qubit 0 is the most significant bit of
 axis of the row-major 2×…×2 view).
 
 The K columns are computed as a state of shape (N, K) = C(θ)·I[:, :K]; no N×N matrix is ever formed. By
-default the circuit runs as rotation layers (the RY's between two CZ layers), each a Kronecker product of two
-small orthogonal matrices applied as two GEMMs, with CZ a ±1 sign per row (see "the layered simulation" below).
-Its backward is memory-lean: it saves only the final state and walks the layers in reverse (each is orthogonal,
-so the state before it is Aᵀ times the state after it), so autograd memory is O(N·K), not O(#gates·N·K).
+default the circuit runs in blocks of rotation layers (the RY's between CZ layers), each block a Kronecker product
+of two small orthogonal matrices applied as two GEMMs, with a CZ that couples the two halves a ±1 sign per row
+(see "the layered simulation" below). Its backward is memory-lean: it saves only the final state and walks the
+blocks in reverse (each is orthogonal, so the state before it is Pᵀ times the state after it), so autograd memory
+is O(N·K), not O(#gates·N·K).
 ``memory_lean=False`` applies the gates one by one under plain autograd (RY a 2×2 rotation of one qubit axis of
 the (2, …, 2, K) view): the reference the layered path is tested against.
 
