@@ -126,10 +126,11 @@ def _basis_columns(angles: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
 # ---- the layered simulation (the default): blocks of rotation layers as two GEMMs ------------------------------
 # The RY's between two CZ layers act on distinct qubits or compose on one (RY(a)·RY(b) = RY(a+b), e.g. the first
 # RY on every qubit and the layer's first RY on qubits 0…n−2), so each such "rotation layer" is ⊗_q RY(φ_q) with
-# φ_q the sum of its angles on qubit q (0 for an idle qubit). Split at qubit h = ⌊n/2⌋, it is A_top ⊗ A_low
+# φ_q the sum of its angles on qubit q (0 for an idle qubit). Split at qubit h, it is A_top ⊗ A_low
 # (2^h × 2^h and 2^(n−h) × 2^(n−h)). A CZ layer without the pair (h−1, h) is D_top ⊗ D_low (signs), so the layers
 # between two CZ layers *with* that pair compose into one Kronecker pair, a "block": P_top ⊗ P_low with
-# P = D_k A_k ⋯ D_1 A_1 (for L = 4 at n = 10: 5 blocks for 8 rotation layers). The state is kept as
+# P = D_k A_k ⋯ D_1 A_1. h = 2⌊(n+1)/4⌋ is even and near n/2, so only CZ(1) has the pair (h−1, h) and the blocks
+# are the rotation layers in pairs (4 blocks for L = 4, the first one free, instead of 8 layers). The state is kept as
 # (B, 2^h, K, 2^(n−h)): the column index between the two qubit groups, the low group's qubits ordered n−1, h, …,
 # n−2. P_top is one GEMM from the left on the (2^h, K·2^(n−h)) view and P_low one from the right on the
 # (2^h·K, 2^(n−h)) view; the first block on I[:, :K] is an outer product; a CZ with the pair (h−1, h) is one ±1
@@ -186,7 +187,7 @@ def _layer_plan(n_qubits: int, n_layers: int) -> _LayerPlan:
             cz_after.append(arg)
     if not cz_after or slots[-1] >= len(cz_after) * n_qubits:  # rotations after the last CZ: one more layer
         cz_after.append(None)
-    split = n_qubits // 2
+    split = 2 * ((n_qubits + 1) // 4)  # even: see the comment above
     # CZ(p) acts on the pairs (p, p+1), (p+2, p+3), …: it holds (h−1, h) when h−1 ≥ p has p's parity
     straddles = tuple(p is not None and split >= 1 and split - 1 >= p and (split - 1 - p) % 2 == 0 for p in cz_after)
     blocks: list[list[int]] = [[]]
