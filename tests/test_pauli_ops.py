@@ -56,7 +56,7 @@ def _dense_reference(angles: torch.Tensor, n_qubits: int, n_layers: int) -> torc
     return circuit
 
 
-@pytest.mark.parametrize("n_qubits, n_layers", [(1, 0), (1, 2), (2, 1), (3, 1), (4, 2), (5, 1)])
+@pytest.mark.parametrize("n_qubits, n_layers", [(1, 0), (1, 2), (2, 1), (2, 3), (3, 1), (4, 2), (5, 1), (6, 4), (7, 3)])
 def test_circuit_columns_match_the_dense_circuit(n_qubits: int, n_layers: int) -> None:
     angles = _angles(pauli.pauli_angle_count(n_qubits, n_layers), dtype=torch.float64)
     rank = max(1, (1 << n_qubits) // 2)
@@ -135,6 +135,48 @@ def test_memory_lean_gradcheck() -> None:
     assert torch.autograd.gradcheck(lambda a: pauli.pauli_circuit_columns(a, 4, 1, 3), (angles,))
 
 
+# the layered simulation (rotation layers as two GEMMs, the default) against the gate-by-gate one
+def _gate_by_gate(angles: torch.Tensor, n_qubits: int, n_layers: int, rank: int) -> torch.Tensor:
+    """The circuit one gate at a time under plain autograd: the construction before the layered path."""
+    return pauli.pauli_circuit_columns(angles, n_qubits, n_layers, rank, memory_lean=False)
+
+
+@pytest.mark.parametrize("n_qubits, n_layers, rank, batch", [
+    (1, 3, 2, ()), (2, 2, 3, (2,)), (3, 1, 8, ()), (5, 4, 7, (3,)), (7, 2, 64, ()), (10, 4, 64, (2,)),
+])
+def test_layered_circuit_equals_the_gate_by_gate_circuit_in_float64(n_qubits, n_layers, rank, batch) -> None:
+    """Values and angle gradients of the default (layered, memory-lean) path equal the per-gate construction;
+    n odd and even (both qubit splits), K not a power of two, L = 4 as budget matching picks, batched angles."""
+    angles = _angles(pauli.pauli_angle_count(n_qubits, n_layers), *batch, dtype=torch.float64, seed=5)
+    upstream = torch.randn(*batch, 1 << n_qubits, rank, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    results = []
+    for construct in (pauli.pauli_circuit_columns, _gate_by_gate):
+        leaf = angles.clone().requires_grad_()
+        columns = construct(leaf, n_qubits, n_layers, rank)
+        (columns * upstream).sum().backward()
+        results.append((columns.detach(), leaf.grad))
+    (layered, layered_grad), (reference, reference_grad) = results
+    torch.testing.assert_close(layered, reference, rtol=0, atol=1e-12)
+    torch.testing.assert_close(layered_grad, reference_grad, rtol=0, atol=1e-11)
+    with torch.no_grad():  # the no-grad forward (inference) runs the same layers
+        torch.testing.assert_close(pauli.pauli_circuit_columns(angles, n_qubits, n_layers, rank), reference,
+                                   rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_qubits, n_layers, rank, batch", [(3, 2, 5, (2,)), (4, 3, 3, ())])
+def test_layered_gradcheck_with_merged_angles(n_qubits: int, n_layers: int, rank: int, batch: tuple[int, ...]) -> None:
+    """L ≥ 2: the first RY layer and the first entangling layer's RY's compose into one rotation per qubit."""
+    angles = _angles(pauli.pauli_angle_count(n_qubits, n_layers), *batch, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: pauli.pauli_circuit_columns(a, n_qubits, n_layers, rank), (angles,))
+
+
+def test_layered_circuit_stays_orthonormal_at_the_budget_size_in_float32() -> None:
+    angles = _angles(pauli.pauli_angle_count(11, 4), 2)
+    u = pauli.pauli_circuit_columns(angles.requires_grad_(), 11, 4, 64).detach().double()
+    gram_error = u.mT @ u - torch.eye(64, dtype=torch.float64)
+    assert torch.linalg.matrix_norm(gram_error, ord=2).max() < 1e-5
+
+
 def _saved_bytes(memory_lean: bool, dim: int = 1024, rank: int = 8, n_layers: int = 1) -> int:
     saved = 0
 
@@ -149,11 +191,12 @@ def _saved_bytes(memory_lean: bool, dim: int = 1024, rank: int = 8, n_layers: in
     return saved
 
 
-def test_memory_lean_backward_saves_one_state_instead_of_one_per_gate() -> None:
-    state_bytes = 1024 * 8 * 4
-    gates = len(pauli.circuit_gates(10, 1))
-    assert _saved_bytes(memory_lean=True) <= state_bytes + 1024  # the final state and the angles
-    assert _saved_bytes(memory_lean=False) >= gates * state_bytes
+@pytest.mark.parametrize("rank, n_layers", [(8, 1), (64, 4)])
+def test_memory_lean_backward_saves_one_state_instead_of_one_per_gate(rank: int, n_layers: int) -> None:
+    state_bytes = 1024 * rank * 4
+    gates = len(pauli.circuit_gates(10, n_layers))
+    assert _saved_bytes(memory_lean=True, rank=rank, n_layers=n_layers) <= state_bytes + 1024  # final state, angles
+    assert _saved_bytes(memory_lean=False, rank=rank, n_layers=n_layers) >= gates * state_bytes
 
 
 # ---- the peft layer --------------------------------------------------------------------------------------------
