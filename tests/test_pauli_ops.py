@@ -387,3 +387,19 @@ def test_inference_keeps_the_factors_until_the_angles_change(monkeypatch: pytest
         assert len(calls) > 0 and not torch.allclose(reloaded, after_step)
         calls.clear()
         assert torch.equal(model.get_base_model()(x), reloaded) and calls == []  # per-layer path reads it too
+
+
+@pytest.mark.parametrize("memory_lean", [True, False])
+def test_the_circuit_runs_in_the_angles_dtype_under_bf16_autocast(memory_lean: bool) -> None:
+    """Mixed-precision training (TRL's default bf16 autocast) must not turn the circuit's products into bf16:
+    its in-place products (``out=``) failed with a dtype error, and bf16 would round U away from orthonormal."""
+    angles = torch.randn(pauli.pauli_angle_count(6, 4), generator=torch.Generator().manual_seed(0), requires_grad=True)
+    expected = pauli.pauli_circuit_columns(angles, 6, 4, 16, memory_lean=memory_lean)
+    (expected_grad,) = torch.autograd.grad(expected.square().mul(torch.arange(16.0)).sum(), angles)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        columns = pauli.pauli_circuit_columns(angles, 6, 4, 16, memory_lean=memory_lean)
+        loss = columns.square().mul(torch.arange(16.0)).sum()
+    (grad,) = torch.autograd.grad(loss, angles)
+    assert columns.dtype == torch.float32
+    torch.testing.assert_close(columns, expected)
+    torch.testing.assert_close(grad, expected_grad)

@@ -264,6 +264,19 @@ def _layout_views(plan: _LayerPlan, batch: int, rank: int) -> tuple[tuple[int, .
     return (batch, 1 << plan.split, low // pair, pair, rank), (batch, 1 << plan.split, rank, pair, low // pair)
 
 
+def _without_autocast(function):
+    """Run a circuit computation in the angles' own dtype even under autocast (mixed-precision training): its
+    in-place products (``out=``) reject autocast's bf16 results, and bf16 would round U away from orthonormal."""
+
+    @functools.wraps(function)
+    def in_own_dtype(angles: torch.Tensor, *args):
+        with torch.autocast(angles.device.type, enabled=False):
+            return function(angles, *args)
+
+    return in_own_dtype
+
+
+@_without_autocast
 def _layered_forward(angles: torch.Tensor, plan: _LayerPlan, rank: int) -> torch.Tensor:
     """Circuit columns (B, N, K) from angles (B, P), no autograd."""
     batch, top, low = angles.shape[0], 1 << plan.split, 1 << (plan.n_qubits - plan.split)
@@ -286,6 +299,7 @@ def _layered_forward(angles: torch.Tensor, plan: _LayerPlan, rank: int) -> torch
     return state.view(layout).permute(0, 1, 4, 3, 2).reshape(batch, top * low, rank)
 
 
+@_without_autocast
 def _layered_backward(angles: torch.Tensor, columns: torch.Tensor, grad: torch.Tensor, plan: _LayerPlan) -> torch.Tensor:
     """dLoss/dangles (B, P) from the output columns (B, N, K) and their gradient: the reverse walk over the blocks
     (each is orthogonal, so the state before it is Pᵀ times the state after it); memory O(N·K) besides the small
@@ -355,7 +369,8 @@ class _LeanCircuit(torch.autograd.Function):
         angles, columns = ctx.saved_tensors
         flat = _flat_batch(angles)
         size = columns.shape[-2:]
-        grad_angles = _layered_backward(flat, columns.reshape(-1, *size), grad_columns.reshape(-1, *size), ctx.plan)
+        grad = grad_columns.to(columns.dtype).reshape(-1, *size)
+        grad_angles = _layered_backward(flat, columns.reshape(-1, *size), grad, ctx.plan)
         return grad_angles.view(angles.shape), None, None, None
 
 
