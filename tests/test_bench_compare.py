@@ -282,5 +282,6 @@ def test_a_method_out_of_the_budgets_reach_stops_a_comparison_unless_it_may_be_l
     assert [record["method"] for record in records] == ["lora"]
     left_out = json.loads((tmp_path / "out" / "out_of_reach.json").read_text())
     assert list(left_out) == ["vera"] and "out of reach for vera" in left_out["vera"]
+    build_report(tmp_path / "out")
     assert "- left out: a budget of 2,048 adapter parameters is out of reach for vera" in (
         tmp_path / "out" / "report.md").read_text()
