@@ -241,7 +241,6 @@ def reference_summary(rows: list[Row], records: list[Record]) -> list[str]:
 
 def _plot_accuracy(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     markers = "osD^vP*Xh<>"
@@ -271,12 +270,20 @@ def _plot_accuracy(rows: list[Row], path: Path) -> None:
         axes.errorbar(
             x, y, yerr=row.std(TEST_ACCURACY), fmt=markers[index % len(markers)], markersize=8, capsize=4, label=label
         )
-    if counts and max(counts) > 10 * min(counts):
+    save_accuracy_plot(figure, axes, path, "Accuracy vs trainable parameters",
+                       log_params=bool(counts) and max(counts) > 10 * min(counts))
+
+
+def save_accuracy_plot(figure: object, axes: object, path: Path, title: str, log_params: bool) -> None:
+    """Label an accuracy (y) vs adapter parameters (x) plot the same way everywhere, and save it."""
+    from matplotlib.ticker import FuncFormatter
+
+    if log_params:
         axes.set_xscale("log")
     axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
     axes.set_xlabel("trainable adapter parameters")
     axes.set_ylabel("test accuracy (%), mean ± std over seeds")
-    axes.set_title("Accuracy vs trainable parameters")
+    axes.set_title(title)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8, loc="best")
     save_figure(figure, path)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .compare import CompareOptions, compare
-from .report import ADAPTER_PARAMS, TEST_ACCURACY, Row, build_report, group_rows, markdown_table, save_figure
+from .report import ADAPTER_PARAMS, TEST_ACCURACY, Row, build_report, group_rows, markdown_table, save_accuracy_plot
 from .results import RESULTS_FILE, load_out_of_reach, load_records, write_atomically
 from .stats import mean_ranks
 from .timing import Key, TimingRatio, load_timings, spread_text, timing_ratios
@@ -231,7 +231,6 @@ def plot_budget_sweep(sweep: list[tuple[SuiteEntry, list[Row]]], path: Path) -> 
     """Test accuracy (mean ± std over seeds) against adapter parameters, one line per method across the budgets;
     references (no adapter) of the first budget as dashed lines."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     points: dict[str, list[tuple[float, float, float]]] = {}
@@ -248,14 +247,7 @@ def plot_budget_sweep(sweep: list[tuple[SuiteEntry, list[Row]]], path: Path) -> 
         if row.is_reference and row.mean(TEST_ACCURACY) is not None:
             axes.axhline(row.mean(TEST_ACCURACY), linestyle="--", color="grey", linewidth=1,
                          label=f"{row.method} (no adapter)")
-    axes.set_xscale("log")
-    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
-    axes.set_xlabel("trainable adapter parameters")
-    axes.set_ylabel("test accuracy (%), mean ± std over seeds")
-    axes.set_title("Accuracy vs adapter budget")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8, loc="best")
-    save_figure(figure, path)
+    save_accuracy_plot(figure, axes, path, "Accuracy vs adapter budget", log_params=True)
 
 
 def build_suite_report(suite: Suite, folder: Path) -> str:
