@@ -36,6 +36,12 @@ from .sharding import gathered_adapter_parameters, is_gathered, like_base_weight
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 
 
+def drops_inputs(dropout: nn.Module) -> bool:
+    """Whether an adapter's dropout changes its input in this forward (then its branch reads another x than the
+    base layer, and cannot be folded into the base product)."""
+    return isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+
+
 @dataclass
 class HirankConfig(PeftConfig):
     """Fields every hirank method shares with peft's LoRA config (see peft's ``LoraConfig``).

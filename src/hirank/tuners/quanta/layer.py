@@ -9,7 +9,7 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...ops.quanta import QuantaCircuit, plan_circuit
-from ..base import HirankLayer
+from ..base import HirankLayer, drops_inputs
 from .config import QuantaConfig
 
 
@@ -55,7 +55,7 @@ class QuantaLayer(HirankLayer):
         """x·(W₀ + ΔW)ᵀ + b as one product, where the cost model prefers it (``prefer_dense(fused=True)``) and no
         dropout makes the branch read another input than the base layer."""
         dropout = self.quanta_dropout[adapter_name]
-        if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+        if drops_inputs(dropout):
             return None
         if not self.quanta_circuit[adapter_name].prefer_dense(x.numel() // x.shape[-1], fused=True):
             return None

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ...ops import structured
-from ..base import HirankLayer
+from ..base import HirankLayer, drops_inputs
 from .config import SurmConfig
 
 #: generators ↦ dense S, per structure (keyword arguments out_features, in_features)
@@ -158,6 +158,17 @@ class SurmLayer(HirankLayer):
         settings = self.surm_settings[adapter_name]
         return partial(DENSE_BUILDS[settings.structure], out_features=settings.rows, in_features=settings.cols)
 
+    def _fast_product_is_cheaper(self, adapter_name: str, generators: tuple[torch.Tensor, ...], v: torch.Tensor,
+                                 fused: bool) -> bool:
+        """The cost model's pick for this step's input v (..., cols): the fast product, or a dense S (added to W₀
+        where ``fused``); in training when v or a generator needs a gradient."""
+        settings = self.surm_settings[adapter_name]
+        training = torch.is_grad_enabled() and (v.requires_grad or any(g.requires_grad for g in generators))
+        rank = generators[0].shape[0] if settings.structure == "ldr" else 1
+        tokens = v.numel() // max(v.shape[-1], 1)
+        return structured.fast_product_is_cheaper(settings.structure, tokens, settings.rows, settings.cols, rank,
+                                                  training, fused=fused)
+
     def _scaled_product(self, v: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """α·S · v on the last axis, (..., cols) → (..., rows): the structure's fast product, or S built once for
         this step and one matmul where the cost model says that is cheaper (``structured.fast_product_is_cheaper``)."""
@@ -165,11 +176,7 @@ class SurmLayer(HirankLayer):
         generators = self._generators(adapter_name)
         if settings.structure == "kronecker":  # never materialized: B·X·Aᵀ is always the cheaper product
             return structured.kronecker_matvec(*generators, v)
-        training = torch.is_grad_enabled() and (v.requires_grad or any(g.requires_grad for g in generators))
-        rank = generators[0].shape[0] if settings.structure == "ldr" else 1
-        tokens = v.numel() // max(v.shape[-1], 1)
-        if not structured.fast_product_is_cheaper(settings.structure, tokens, settings.rows, settings.cols, rank,
-                                                  training):
+        if not self._fast_product_is_cheaper(adapter_name, generators, v, fused=False):
             if settings.structure == "ldr":  # rebuilds W in backward: the fast product's memory
                 return structured.ldr_dense_product(*generators, v, settings.rows)
             dtype = torch.promote_types(generators[0].dtype, torch.float32)  # as the FFTs: float32 at least
@@ -189,14 +196,10 @@ class SurmLayer(HirankLayer):
         (``structured.fast_product_is_cheaper(fused=True)``) and no dropout makes the branch read another input."""
         settings = self.surm_settings[adapter_name]
         dropout = self.surm_dropout[adapter_name]
-        if settings.placement != "lora" or settings.structure == "kronecker" or (
-                isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0):
+        if settings.placement != "lora" or settings.structure == "kronecker" or drops_inputs(dropout):
             return None
         generators = self._generators(adapter_name)
-        training = torch.is_grad_enabled() and (x.requires_grad or any(g.requires_grad for g in generators))
-        rank = generators[0].shape[0] if settings.structure == "ldr" else 1
-        if structured.fast_product_is_cheaper(settings.structure, x.numel() // max(x.shape[-1], 1), settings.rows,
-                                              settings.cols, rank, training, fused=True):
+        if self._fast_product_is_cheaper(adapter_name, generators, x, fused=True):
             return None
         if settings.structure == "ldr":  # W rebuilt in backward: the fast product's memory
             return structured.ldr_merged_linear(x, self.base_layer.weight, self.base_layer.bias, *generators)
