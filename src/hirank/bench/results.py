@@ -214,7 +214,6 @@ class RunClaim:
             self._descriptor = None
 
 
-
 def write_out_of_reach(folder: Path, out_of_reach: dict[str, str]) -> None:
     """Record which methods a comparison left out because its budget is out of their reach (none: no file)."""
     path = Path(folder) / OUT_OF_REACH_FILE
