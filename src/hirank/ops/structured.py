@@ -365,52 +365,126 @@ def ldr_matvec(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_features: 
     return _LdrProduct.apply(g, h, x, out_features)
 
 
-def _skewed_rows(matrix: torch.Tensor, shift: int) -> torch.Tensor:
-    """(N, N) → (N, N) with out[j, δ] = matrix[j, (δ + shift·j + offset) mod N] for shift = ±1 and offset = 1 (+1)
-    or 0 (−1): a strided view of [matrix, matrix] with a row stride of 2N ± 1 (one copy, a cheap backward)."""
-    size = matrix.shape[0]
-    doubled = torch.cat([matrix, matrix], dim=1)  # (N, 2N): [j, a] at 2N·j + a, a = (δ + shift·j + offset) mod N
-    stride, start = (2 * size + 1, 1) if shift == 1 else (2 * size - 1, size)
-    return torch.as_strided(doubled, (size, size), (stride, 1), start)  # doubled is fresh: storage offset 0
+#: rows per block of the row-wise cumulative sums in the dense LDR build (in-block adds, then one carry per block)
+_SCAN_BLOCK = 16
 
 
-def ldr_dense(g: torch.Tensor, h: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """W(G, H)[:m, :n] from its displacement equation, in O(r·N²) with no FFT per column.
+def _flip_tail(v: torch.Tensor, sign: float) -> torch.Tensor:
+    """[v₀, sign·v_{N−1}, …, sign·v₁] on the last axis: sign = 1 maps g to Circ(g)'s first row, sign = −1 maps h
+    to SkewCirc(h)'s first row, so that Circ(g)ᵀ = Circ(J g) and SkewCirc(h)ᵀ = SkewCirc(h̃). Both are involutions
+    and symmetric, so each is its own adjoint."""
+    return torch.cat([v[..., :1], sign * v[..., 1:].flip(-1)], dim=-1)
 
-    Z₁W − WZ₋₁ = 2·V with V = Σ_k g_k·(last row of SkewCirc(h_k))ᵀ = Gᵀ·flip(H) (spec §3.2d): column j+1 of W
-    is column j shifted cyclically down minus 2·V[:, j]. Unrolled, with w₀ = Σ_k g_k ⊛ h_k the first column:
-    W[i, j] = w₀[(i−j) mod N] − 2·Σ_{l<j} V[(i−j+1+l) mod N, l], a cumulative sum along j for each diagonal
-    δ = (i−j) mod N (taken along rows: 7× faster than down columns on CPU).
+
+def _scan_rows(blocks: torch.Tensor, reverse: bool = False) -> None:
+    """In place, cumulative sums over rows of ``blocks`` (nb, b, N) read as nb·b rows: prefix sums, or suffix sums
+    when ``reverse``. Adds within blocks row by row, then carries block totals (a cumsum over nb rows): on CPU
+    about 4× faster than ``cumsum(dim=0)``, which walks each column with stride N."""
+    size = blocks.shape[1]
+    order = range(size - 2, -1, -1) if reverse else range(1, size)
+    for row in order:
+        blocks[:, row] += blocks[:, row + 1 if reverse else row - 1]
+    if reverse:
+        carry = blocks[:, 0].flip(0).cumsum(0).flip(0)  # (nb, N): Σ of this block and the ones after it
+        blocks[:-1] += carry[1:, None]
+    else:
+        carry = blocks[:, -1].cumsum(0)
+        blocks[1:] += carry[:-1, None]
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out = a·b for a strided ``out`` with contiguous rows: straight into it in eager mode, through a copy when
+    dynamo traces (it refuses a non-contiguous ``out=``)."""
+    if torch.compiler.is_compiling():
+        out.copy_(a @ b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+def _negacyclic_rows(rows: int, size: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A buffer of rows (padded to whole scan blocks) of length 2N read as [left | right] halves, and two views of
+    it, (rows − 1, N) each: writing row t' of a matrix M into both, M into ``window`` and −M into
+    ``wrapped``, puts M[t'] rolled negacyclically by t' into the right half of row t' + 1 (columns c ≥ N − t' take
+    −M[t', c + t' − N]); the other entries they write fall into left halves, which are scratch. The buffer has one
+    spare row for the last row's spill."""
+    padded = -(-rows // _SCAN_BLOCK) * _SCAN_BLOCK
+    doubled = like.new_empty(padded + 1, 2 * size)
+    window = torch.as_strided(doubled, (rows - 1, size), (2 * size - 1, 1), 3 * size)
+    wrapped = torch.as_strided(doubled, (rows - 1, size), (2 * size - 1, 1), 4 * size)
+    return doubled, window, wrapped
+
+
+def _ldr_dense_build(g: torch.Tensor, h: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """W(G, H)[:m, :n] (spec §3.2d) in O(r·N²) from the displacement equation, row by row.
+
+    Z₁W − WZ₋₁ = 2·V with V = Gᵀ·flip(H) gives W[i, j+1] = W[i−1, j] − 2·V[i, j] along rows, where column N stands
+    for −column 0 (Z₋₁ wraps with a sign). So A[i, c] = W[i, c + i] (the column taken mod N with that sign) is the
+    cumulative sum over rows of A[0] = W[0, :] (by FFT: Σ_k SkewCirc(h̃_k)·J g_k) and of the rows t ≥ 1 of
+    −2·V rolled negacyclically by t − 1; and W[i, j] = [−A, A][i, N + j − i], a strided view whose rows are
+    contiguous, as the base layer's weight W₀ (m, n) is: W₀ + W costs one pass. Two GEMMs (r inner) write −2·V's
+    rows straight into the rolled places, so the build allocates one buffer.
     """
-    size = g.shape[-1]
-    first_column = torch.fft.irfft((torch.fft.rfft(g) * torch.fft.rfft(h)).sum(0), n=size)  # w₀, (N,)
-    coupling_t = h.flip(-1).T @ (-2 * g)  # −2·Vᵀ: [l, a] = −2·V[a, l]
-    skewed = _skewed_rows(coupling_t, 1)  # [l, δ] = −2·V[(δ + 1 + l) mod N, l]
-    terms = torch.cat([first_column[:, None], skewed[:-1].T], dim=1)  # [δ, j]: w₀[δ], then the term of l = j − 1
-    by_diagonal = torch.cumsum(terms, dim=1).T.contiguous()  # [j, δ]: W[(δ + j) mod N, j]
-    dense_t = _skewed_rows(by_diagonal, -1)  # [j, i] = by_diagonal[j, (i − j) mod N] = W[i, j]
-    return dense_t.T[:out_features, :in_features]
+    size, rows = g.shape[-1], out_features
+    doubled, window, wrapped = _negacyclic_rows(rows, size, g)
+    flipped, coupled = h.flip(-1), g[:, 1:rows].T  # (r, N), (m − 1, r)
+    _mm_into(coupled, -2 * flipped, window)  # −2·V[1:m]
+    _mm_into(coupled, 2 * flipped, wrapped)
+    scan = doubled[:-1, size:]  # (padded, N): A's rows, to be summed
+    scan[0] = skew_circulant_matvec(_flip_tail(h, -1.0), _flip_tail(g, 1.0)).sum(0)  # W[0, :]
+    scan[rows:] = 0
+    _scan_rows(scan.unflatten(0, (-1, _SCAN_BLOCK)))  # A
+    doubled[:-1, :size].copy_(scan).neg_()
+    return torch.as_strided(doubled, (out_features, in_features), (2 * size - 1, 1), size)
 
 
 def _ldr_dense_adjoint(g: torch.Tensor, h: torch.Tensor,
                        grad_dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(∂/∂G, ∂/∂H) of ⟨grad_dense, ldr_dense(G, H, m, n)⟩: :func:`ldr_dense`'s steps in reverse (skews read
-    back, the cumulative sum reversed), O(r·N²) without autograd (so torch.compile traces it).  grad: (m, n)."""
+    """(∂/∂G, ∂/∂H) of ⟨grad_dense, ldr_dense(G, H, m, n)⟩: :func:`_ldr_dense_build`'s steps in reverse (the
+    view read back, suffix sums over rows, the two GEMMs transposed), O(r·N²).  grad: (m, n)."""
     size = g.shape[-1]
     rows, cols = grad_dense.shape
-    grad_t = torch.nn.functional.pad(grad_dense, (0, size - cols, 0, size - rows)).T.contiguous()  # [j, i]
-    doubled = torch.cat([grad_t, grad_t], dim=1)
-    grad_by_diagonal = torch.as_strided(doubled, (size, size), (2 * size + 1, 1), 0)  # [j, δ]: grad_t[j, (δ+j) mod N]
-    grad_terms = grad_by_diagonal.T.flip(1).cumsum(1).flip(1)  # [δ, j]: Σ_{j' ≥ j}, the cumulative sum's adjoint
-    grad_skewed = torch.nn.functional.pad(grad_terms[:, 1:].T, (0, 0, 0, 1))  # [l, δ]; l = N − 1 feeds nothing
-    doubled = torch.cat([grad_skewed, grad_skewed], dim=1)
-    grad_coupling = torch.as_strided(doubled, (size, size), (2 * size - 1, 1), size - 1)  # [l, a]: (a−1−l) mod N
-    grad_g = -2 * (h.flip(-1) @ grad_coupling)
-    grad_h = (-2 * (g @ grad_coupling.T)).flip(-1)
-    first_spectrum = torch.fft.rfft(grad_terms[:, 0])  # w₀ = Σ_k g_k ⊛ h_k: correlations with its gradient
-    grad_g = grad_g + torch.fft.irfft(torch.fft.rfft(h).conj() * first_spectrum, n=size)
-    grad_h = grad_h + torch.fft.irfft(torch.fft.rfft(g).conj() * first_spectrum, n=size)
+    # ∂A[i, c] = Γ[i, c + i] − Γ[i, c + i − N] (Γ zero-padded to N columns): Γ's rows rolled negacyclically by i
+    doubled, window, wrapped = _negacyclic_rows(rows + 1, size, grad_dense)
+    doubled[:, size:] = 0
+    window[:, :cols] = grad_dense
+    wrapped[:, :cols].copy_(grad_dense).neg_()
+    scan = doubled[1:, size:]  # (padded + 1, N) from row 1 (a multiple of the block when read from row 1 on)
+    scan = scan[: -(-rows // _SCAN_BLOCK) * _SCAN_BLOCK]
+    _scan_rows(scan.unflatten(0, (-1, _SCAN_BLOCK)), reverse=True)  # ∂(A[0]; the rolled −2·V rows)
+    doubled[1:1 + scan.shape[0], :size].copy_(scan).neg_()
+    # the rolled rows read back one buffer row down (∂A[0] is in row 1): ``window``'s places, which read from
+    # [−∂T, ∂T] give ∂(−2·V[t'+1]) minus its wrapped part
+    skewed = torch.as_strided(doubled, (rows - 1, size), (2 * size - 1, 1), 5 * size)
+    flipped = h.flip(-1)
+    grad_g = torch.zeros_like(g)
+    grad_g[:, 1:rows] = -2 * (flipped @ skewed.T)
+    grad_h = (-2 * (g[:, 1:rows] @ skewed)).flip(-1)
+    first = scan[0]  # ∂W[0, :]: through SkewCirc(h̃)·J g = SkewCirc(J g)·h̃, each transposed
+    grad_g = grad_g + _flip_tail(skew_circulant_matvec(h, first), 1.0)
+    grad_h = grad_h + _flip_tail(skew_circulant_matvec(_flip_tail(_flip_tail(g, 1.0), -1.0), first), -1.0)
     return grad_g, grad_h
+
+
+class _LdrDense(torch.autograd.Function):
+    """:func:`_ldr_dense_build` with its hand-written adjoint (the build runs in place, outside autograd)."""
+
+    @staticmethod
+    def forward(ctx: Any, g: torch.Tensor, h: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+        ctx.save_for_backward(g, h)
+        return _ldr_dense_build(g, h, out_features, in_features)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        g, h = ctx.saved_tensors
+        grad_g, grad_h = _ldr_dense_adjoint(g, h, grad)
+        return grad_g, grad_h, None, None
+
+
+def ldr_dense(g: torch.Tensor, h: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """W(G, H)[:m, :n], O(r·N²) with no FFT per row (:func:`_ldr_dense_build`).  G, H: (r, N) → (m, n), a view
+    with contiguous rows."""
+    return _LdrDense.apply(g, h, out_features, in_features)
 
 
 class _LdrDenseProduct(torch.autograd.Function):
@@ -503,11 +577,12 @@ def ldr_dense_product(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_fea
 # plus, once per step, m·n × BUILD_SECONDS_PER_ENTRY (build S and run its backward).
 # Inference: 2 + 2r or 2 transforms against one matmul and one build. So the separate dense path wins only where
 # N / log₂N < (transforms / 3)·(FFT point cost / MAC cost)·(elementwise factor) and the tokens amortize the
-# build: at these constants LDR r = 8 up to N ≈ 2000 (T ≥ N), r = 4 up to N ≈ 1000, Toeplitz and LDR r = 1 up
-# to N ≈ 256, the circulant never (``benchmarks/surm.py --crossover`` measures both paths and the pick). Fused
-# (a plain float nn.Linear base): LDR r = 8 from ≈ 500 tokens at N = 1024, ≈ 1000 at N = 2048 (measured at 512
-# tokens: fused 0.7× the fast product's step at N = 1024, 1.3× at N = 2048), ≈ 2000 at N = 4096; r = 4 from ≈ 1000
-# at N = 1024; LDR r = 1 and Toeplitz only up to N ≈ 512 (from 1–2 thousand tokens), the circulant up to N = 256.
+# build: at these constants LDR r = 8 from ≈ 256 tokens at N = 1024 and ≈ 1000 at N = 2048 (measured, dense ÷ fast:
+# 0.65 at N = 1024 and 512 tokens, 1.03 at N = 2048 and 512, 0.68 at 1024), r = 4 from ≈ 1000 at N = 1024,
+# Toeplitz and LDR r = 1 up to N ≈ 256 (at N = 1024 they tie from 1–2 thousand tokens), the circulant never
+# (``benchmarks/surm.py --crossover`` measures both paths and the pick). Fused (a plain float nn.Linear base):
+# LDR r = 8 from ≈ 256 tokens at N = 1024, ≈ 400 at N = 2048, ≈ 800 at N = 4096; r = 4 from ≈ 400 at N = 1024;
+# LDR r = 1 and Toeplitz only up to N ≈ 512 (from 1–2 thousand tokens), the circulant up to N = 256.
 # Memory: LDR's dense paths rebuild W in backward (``ldr_dense_product``, ``ldr_merged_linear``: save x, G, H, as
 # the fast one). Circulant and Toeplitz (whose dense path rarely wins) save S or W₀ + S (m × n) beside x, so in
 # training they take it only where that is at most half the size of the input it multiplies (T ≥ 2m): activation
@@ -519,9 +594,9 @@ FFT_SECONDS_PER_POINT = 3.1e-10  # one row's real FFT of size N costs this × N�
 #: the complex multiplies, twists, folds and pads around the transforms, relative to the transforms alone
 FFT_ELEMENTWISE_FACTOR = {"circulant": 1.3, "toeplitz": 1.5, "ldr": 2.0}
 #: the build of S and its backward, per entry of S
-#: LDR: build twice (forward, backward) and the adjoint, each ≈ 5–6e-8 timed alone at N = 1024/2048, 0.8–1.3e-7
-#: together inside a layer step (it was 4.5e-8, which sent N = 2048 layers to a dense W slower than the FFTs)
-BUILD_SECONDS_PER_ENTRY = {"circulant": 1.5e-8, "toeplitz": 1.5e-8, "ldr": 1.0e-7}
+#: LDR: build twice (forward, backward) and the adjoint: ≈ 2.6e-8 (N = 1024) to 3.3e-8 (N = 2048) timed alone,
+#: about half of it first touches of the fresh buffers (page faults on CPU)
+BUILD_SECONDS_PER_ENTRY = {"circulant": 1.5e-8, "toeplitz": 1.5e-8, "ldr": 3.5e-8}
 
 
 def transforms_per_row(structure: str, displacement_rank: int = 1, training: bool = True) -> int:
