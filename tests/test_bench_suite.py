@@ -29,7 +29,8 @@ def test_tiny_suite_runs_every_task_into_one_report_and_resumes(
     rows = {line.split("|")[1].strip(): line for line in overall.splitlines() if line.startswith("| ")}
     assert {"lora", other, "head_only", "zero_shot"} <= set(rows)
     assert rows["lora"].split("|")[2].strip() == "2"  # LoRA ran on both tasks
-    assert rows["lora"].split("|")[6].strip() == "1.00"  # its own step-time ratio
+    assert rows["lora"].split("|")[5].strip() == "(baseline)"
+    assert rows["lora"].split("|")[7].strip() == "1.00"  # its own step-time ratio
 
     trained = []
     monkeypatch.setattr(compare_module, "train_and_evaluate", lambda *a, **k: trained.append(a) or None)
@@ -69,9 +70,34 @@ def test_a_control_entry_is_reported_but_left_out_of_the_overall_table(tmp_path:
     rows = {line.split("|")[1].strip(): line.split("|") for line in overall.splitlines() if line.startswith("| ")}
     # only SST-2 counts: LoRA first with 80.0%, quanta second (on RTE, quanta would have won)
     assert [cell.strip() for cell in rows["lora"][2:5]] == ["1", "80.0", "1.00"]
-    assert [cell.strip() for cell in rows["quanta"][2:5]] == ["1", "70.0", "2.00"]
+    assert [cell.strip() for cell in rows["quanta"][2:6]] == ["1", "70.0", "2.00", "-10.0 (not enough seeds)"]
     assert "Left out of the overall table (controls): rte (m): not learned." in overall
     assert "## rte (m, 3 epochs, control)" in text and "| quanta |" in text.split("## rte")[1]
+
+
+def test_the_overall_table_pairs_each_seeds_task_average_with_loras(tmp_path: Path) -> None:
+    from hirank.bench.results import RESULTS_FILE, append_record
+    from hirank.bench.suite import Suite, SuiteEntry, build_suite_report
+
+    suite = Suite("s", "two tasks", (SuiteEntry("m", "sst2"), SuiteEntry("m", "mrpc")))
+    accuracies = {  # task: method: accuracy per seed 0, 1, 2
+        "sst2": {"lora": [0.80, 0.70, 0.90], "mtlora": [0.82, 0.71, 0.93], "quanta": [0.70, 0.60, 0.80]},
+        "mrpc": {"lora": [0.60, 0.62, 0.64], "mtlora": [0.62, 0.65, 0.65], "quanta": [0.50, 0.52, 0.54]},
+    }
+    base = {"model": "m", "budget": "b", "target_params": 10, "knobs": {}, "status": "finished", "trainable_params": 10}
+    for entry in suite.entries:
+        for method, values in accuracies[entry.task].items():
+            for seed, accuracy in enumerate(values):
+                append_record(tmp_path / entry.folder_name / RESULTS_FILE,
+                              {**base, "task": entry.task, "method": method, "seed": seed, "config_hash": method,
+                               "test_accuracy": accuracy})
+    overall = build_suite_report(suite, tmp_path).split("## Overall")[1].split("\n## ")[0]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in overall.splitlines() if line.startswith("| ")}
+    assert "mean Δ vs LoRA (95% CI)" in overall
+    # MTLoRA's per-seed task averages minus LoRA's: (2 + 2)/2, (1 + 3)/2, (3 + 1)/2 = 2, 2, 2 points: no spread
+    assert rows["mtlora"][5].strip() == "+2.0 [+2.0, +2.0] ▲ better"
+    assert rows["quanta"][5].strip() == "-10.0 [-10.0, -10.0] ▼ worse"
+    assert rows["lora"][5].strip() == "(baseline)"
 
 
 def test_a_budget_sweep_runs_each_budget_in_its_own_folder_and_tabulates_accuracy_against_params(

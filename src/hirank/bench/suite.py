@@ -17,9 +17,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .compare import CompareOptions, compare
-from .report import ADAPTER_PARAMS, TEST_ACCURACY, Row, build_report, group_rows, markdown_table, save_accuracy_plot
+from .report import (
+    ADAPTER_PARAMS,
+    DELTA_HEADER,
+    TEST_ACCURACY,
+    Row,
+    build_report,
+    group_rows,
+    lora_row,
+    markdown_table,
+    save_accuracy_plot,
+)
 from .results import RESULTS_FILE, load_out_of_reach, load_records, write_atomically
-from .stats import mean_ranks
+from .stats import PairedDifference, mean_ranks, seed_values
 from .timing import Key, TimingRatio, load_timings, spread_text, timing_ratios
 
 SUITE_REPORT = "suite.md"
@@ -150,15 +160,34 @@ def _spread(values: list[float]) -> str:
     return spread_text(statistics.fmean(values), min(values), max(values))
 
 
+def mean_difference_over_tasks(entries: list[tuple[str, Row]], loras: dict[str, Row]) -> PairedDifference:
+    """Per seed, the mean over ``entries``' tasks of the method's test accuracy minus LoRA's on that task and seed
+    (a paired difference of task averages, as a GLUE average is compared); only seeds that every task has for
+    both, so each seed's average is over the same tasks."""
+    pairs = [
+        (seed_values(row.records, "test_accuracy"), seed_values(loras[task].records, "test_accuracy"))
+        for task, row in entries
+        if task in loras
+    ]
+    if len(pairs) < len(entries):  # a task without LoRA: no task average to compare
+        return PairedDifference(())
+    seeds = sorted(set.intersection(*(set(mine) & set(lora) for mine, lora in pairs))) if pairs else []
+    return PairedDifference(
+        tuple(statistics.fmean(mine[seed] - lora[seed] for mine, lora in pairs) for seed in seeds)
+    )
+
+
 def overall_table(
     per_task: dict[str, list[Row]], timings: dict[str, dict[Key, TimingRatio]] | None = None
 ) -> str:
-    """Per method: tasks run, mean test accuracy over tasks, mean rank, mean adapter params, and (from each task's
-    timing pass) step time and saved activations as ratios to LoRA on the same task, averaged over tasks (range
-    over tasks in brackets)."""
+    """Per method: tasks run, mean test accuracy over tasks, mean rank, the paired difference of its task average
+    from LoRA's (:func:`mean_difference_over_tasks`), mean adapter params, and (from each task's timing pass) step
+    time and saved activations as ratios to LoRA on the same task, averaged over tasks (range over tasks in
+    brackets)."""
     timings = timings or {}
     scores = {task: {row.method: _score(row) for row in rows if _score(row) is not None} for task, rows in per_task.items()}
     ranks = mean_ranks(scores)
+    loras = {task: lora for task, rows in per_task.items() if (lora := lora_row(rows)) is not None}
     methods: dict[str, list[tuple[str, Row]]] = {}
     for task, rows in per_task.items():
         for row in rows:
@@ -173,8 +202,9 @@ def overall_table(
         return [ratio for ratio in found if ratio is not None]
 
     lines = [
-        "| method | tasks | mean test acc (%) | mean rank | adapter params | step ÷ LoRA | act. mem ÷ LoRA |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| method | tasks | mean test acc (%) | mean rank | mean {DELTA_HEADER} | adapter params | step ÷ LoRA "
+        "| act. mem ÷ LoRA |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, entries in sorted(methods.items(), key=lambda item: ranks.get(item[0], float("inf"))):
         accuracies = [_score(row) for _, row in entries if _score(row) is not None]
@@ -187,6 +217,7 @@ def overall_table(
             str(len(entries)),
             f"{statistics.fmean(accuracies):.1f}" if accuracies else "—",
             f"{ranks[method]:.2f}" if method in ranks else "—",
+            "(baseline)" if method == "lora" else mean_difference_over_tasks(entries, loras).describe(scale=100),
             f"{params:,.0f}",
             _spread([ratio.step[0] for ratio in timed]) if timed else "—",
             _spread(memory) if memory else "—",
@@ -287,6 +318,9 @@ def build_suite_report(suite: Suite, folder: Path) -> str:
             overall_table(per_task, timings) if per_task else "no finished runs yet.",
             "",
             "Mean rank: rank 1 is the best test accuracy of a task (ties share), averaged over the tasks a method ran. "
+            f"Mean {DELTA_HEADER}: per seed, the method's test accuracy minus LoRA's on the same task and seed, "
+            "averaged over the tasks the method ran (points), then its mean over seeds with a Student-t interval, "
+            "marked ▲/▼ where it excludes 0 (as a GLUE average is compared with LoRA's). "
             "Step time and activation memory: from each task's timing pass (every method's training step timed side by "
             "side with LoRA's on the task's model; see a task's report), the ratio to LoRA averaged over tasks, with "
             "the range over tasks in brackets; — where a task ran with `--no-timing`.",
