@@ -116,6 +116,61 @@ def test_multiple_choice_scores_each_choice_by_mean_log_likelihood() -> None:
     assert task.correct(model, batch).tolist() == [True, False]
 
 
+@pytest.mark.parametrize("build", ["llama", "gpt2", "peft-llama", "no-extras"])
+def test_multiple_choice_scores_only_the_answers_and_equal_each_sequence_scored_alone(build: str) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = char_tokenizer("causal_lm")
+    if build == "gpt2":  # absolute positions: left padding must not shift them
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    model.eval()
+    if build == "peft-llama":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    calls = []
+
+    class NoExtras(nn.Module):  # a forward that takes neither ``position_ids`` nor ``logits_to_keep``
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> nn.Module:
+            calls.append(input_ids.shape)
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # Llama is relative: the shift is harmless
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+
+    scorer = NoExtras(model) if build == "no-extras" else model
+    head_lengths = []
+    model.get_output_embeddings().register_forward_hook(lambda _m, args, _o: head_lengths.append(args[0].shape[1]))
+    examples = [
+        {"prompt": "question: which is it", "choices": ["the first", "b", "a much longer third choice"], "answer": 0},
+        {"prompt": "q?", "choices": ["yes", "no"], "answer": 1},
+    ]
+    task = TASKS["arc_easy"]
+    batch = task.eval_collator(tokenizer, 40)(examples)
+    assert (batch["attention_mask"][:, -1] == 1).all()  # left padding: every sequence ends its row
+    with torch.no_grad():
+        scores = task.choice_scores(scorer, batch)
+        span = int(batch["answer_mask"].sum(-1).max())
+        # the vocabulary head ran on the last span + 1 positions only (all of them without ``logits_to_keep``)
+        assert head_lengths == [batch["input_ids"].shape[1] if build == "no-extras" else span + 1]
+        alone = []
+        for example in examples:
+            for choice in example["choices"]:
+                prompt, answer = task._prompt_and_answer(tokenizer, example["prompt"], choice, 40)
+                ids = torch.tensor([prompt + answer])
+                log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
+                targets = ids[0, 1:]
+                alone.append(log_probs[torch.arange(len(targets)), targets][-len(answer):].mean())
+    torch.testing.assert_close(scores, torch.stack(alone), atol=1e-5, rtol=1e-5)
+    assert bool(calls) == (build == "no-extras")
+
+
 def test_multiple_choice_training_labels_cover_only_the_answer() -> None:
     tokenizer = char_tokenizer("causal_lm")
     batch = TASKS["arc_easy"].train_collator(tokenizer, 64)([{"prompt": "q?", "choices": ["no", "yes"], "answer": 1}])
