@@ -166,6 +166,37 @@ def test_peft_peers_match_a_lora_budget_exactly_counted(method: str) -> None:
     assert trainable_parameters(real) == match.params
 
 
+class MiniLMLayer(nn.Module):
+    """The targets of one MiniLM layer (hidden 384 = 2⁷·3), as `hirank compare` adapts them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.value = nn.Linear(384, 384), nn.Linear(384, 384)
+
+
+@pytest.mark.parametrize("method", sorted(set(KNOB_SPACES) - set(METHOD_SETS["default"])))
+def test_every_peer_runs_at_the_default_budget_with_the_default_tolerance(method: str) -> None:
+    """`hirank compare --methods peers` on MiniLM: no peer may stop it at LoRA r=4's count (DoRA and BOFT did:
+    DoRA's ranks fall 12.5% either side of it, BOFT's block sizes 6 and 8 too)."""
+    model, budget = MiniLMLayer(), "lora-r4"
+    target = parse_budget(budget, model, TARGETS)
+    match = match_budget(method, model, target, TARGETS)
+    if method == "vera":  # its trainable vectors grow slowly with r: capped at r=1024
+        assert "vera cannot reach 6,144 parameters with its natural knobs (r ≤ 1024)" in match.note
+    elif match.note:
+        assert f"{method} steps over {target:,} parameters (its nearest settings give " in match.note
+    else:
+        assert abs(match.relative_error) <= 0.10
+    if method == "dora" and budget == "lora-r4":  # a magnitude per output feature: r=3 and r=4 miss by 12.5%
+        assert match.knobs["r"] in (3, 4) and abs(match.relative_error) == pytest.approx(0.125)
+        assert "6,912 (r=4, lora_alpha=8, +12%)" in match.note and "kept the nearest natural setting" in match.note
+
+
+def test_a_method_whose_steps_straddle_the_budget_is_still_out_of_reach_beyond_all_its_settings(bert) -> None:
+    with pytest.raises(BudgetError, match="out of reach for dora"):
+        match_budget("dora", bert, parse_budget("lora-r1", bert, TARGETS) // 2, TARGETS)
+
+
 def test_quanta_budget_prefers_the_cheaper_of_two_equally_close_factorizations() -> None:
     """At 2048 wide, LoRA r=8's count lies between [16, 8, 4, 4] (−18%) and [16, 8, 8, 2] (+17%): as close, and the
     first runs its circuit with 6% fewer modelled operations (measured 9% faster), so it wins the near tie."""

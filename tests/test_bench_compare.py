@@ -267,21 +267,23 @@ def test_method_sets_expand() -> None:
 def test_a_method_out_of_the_budgets_reach_stops_a_comparison_unless_it_may_be_left_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """VeRA's smallest setting on tiny-bert is far above LoRA r=4's count: a plain comparison refuses before any
-    training; a budget sweep's (``skip_out_of_reach``) leaves VeRA out and says so in out_of_reach.json and the report."""
+    """DoRA's smallest setting on tiny-bert (r=1 and its magnitudes) is 50% above LoRA r=1's count: a plain comparison
+    refuses before any training; a budget sweep's (``skip_out_of_reach``) leaves DoRA out and says so in
+    out_of_reach.json and the report."""
     from hirank.budget import BudgetError
 
     monkeypatch.setenv("HIRANK_DATA_DIR", str(write_fake_data(tmp_path / "data")))
     options = dataclasses.replace(
-        _options(tmp_path / "out", ("lora", "vera")), seeds=1, epochs=1, references=False, timing=False
+        _options(tmp_path / "out", ("lora", "dora")), budget="lora-r1", seeds=1, epochs=1, references=False,
+        timing=False,
     )
-    with pytest.raises(BudgetError, match="out of reach for vera"):
+    with pytest.raises(BudgetError, match="out of reach for dora"):
         compare(options)
     assert not (tmp_path / "out" / RESULTS_FILE).exists()
     records = compare(dataclasses.replace(options, skip_out_of_reach=True))
     assert [record["method"] for record in records] == ["lora"]
     left_out = json.loads((tmp_path / "out" / "out_of_reach.json").read_text())
-    assert list(left_out) == ["vera"] and "out of reach for vera" in left_out["vera"]
+    assert list(left_out) == ["dora"] and "out of reach for dora" in left_out["dora"]
     build_report(tmp_path / "out")
-    assert "- left out: a budget of 2,048 adapter parameters is out of reach for vera" in (
+    assert "- left out: a budget of 512 adapter parameters is out of reach for dora" in (
         tmp_path / "out" / "report.md").read_text()

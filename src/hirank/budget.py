@@ -9,7 +9,9 @@ Only adapter parameters count toward the budget; modules in ``modules_to_save`` 
 Each method sizes itself by its *natural* knobs within caps (:class:`KnobSpace`): budget matching never drives a
 method into a degenerate regime (a 128-layer Quantum-PEFT circuit, QuanTA factors that are mostly 2s, a VeRA rank
 of thousands). When only such settings would reach the budget, the match keeps the nearest natural setting and
-says so in :attr:`BudgetMatch.note`; when no setting at all reaches it, :class:`BudgetError` is raised.
+says so in :attr:`BudgetMatch.note`; so it does when the method's settings step over the budget (DoRA's ranks fall
+±1/(2r) either side of LoRA rank r's count, its magnitude vector adding one parameter per output feature). Only a
+budget beyond every setting raises :class:`BudgetError`.
 """
 
 from __future__ import annotations
@@ -411,8 +413,9 @@ def match_budget(
     ``target_params``; ties go to the earlier setting in the method's grid.
 
     When the closest misses by more than ``tolerance`` (relative) but a setting beyond the method's caps would
-    not, the natural setting is kept and :attr:`BudgetMatch.note` says so; when nothing reaches the budget,
-    :class:`BudgetError` says what is reachable. ``tolerance=None`` never raises: a miss beyond
+    not, or the budget lies between two of its settings (it steps over it), the nearest natural setting is kept
+    and :attr:`BudgetMatch.note` says so; when the budget lies beyond every setting, :class:`BudgetError` says
+    what is reachable. ``tolerance=None`` never raises: a miss beyond
     :data:`DEFAULT_BUDGET_TOLERANCE` is then only noted. ``space`` replaces the method's knob space (e.g. one
     restricted to some settings).
     """
@@ -428,12 +431,21 @@ def match_budget(
     if abs(match.relative_error) <= allowed:
         return match
     far_knobs = _first_beyond_caps(space, model, shapes, target_modules, target_params, allowed)
-    if far_knobs is None and tolerance is not None:
+    counts = [params for _, params in candidates]
+    # inside the range the settings span, the method's own steps (DoRA's magnitude vector, OFT's and BOFT's block
+    # sizes) decide how near it can come: run the nearest; only a budget beyond every setting is out of reach
+    steps_over = min(counts) <= target_params <= max(counts)
+    if far_knobs is None and tolerance is not None and not steps_over:
         raise BudgetError(_out_of_reach_message(match, tolerance))
-    reach = (
-        f"cannot reach {target_params:,} parameters with its natural knobs ({space.caps}): it would take "
-        f"{format_knobs(far_knobs)}" if far_knobs is not None else f"misses {target_params:,} parameters"
-    )
+    if far_knobs is not None:
+        reach = (
+            f"cannot reach {target_params:,} parameters with its natural knobs ({space.caps}): it would take "
+            f"{format_knobs(far_knobs)}"
+        )
+    elif steps_over:
+        reach = f"steps over {target_params:,} parameters (its nearest settings give {_nearest_settings(match)})"
+    else:
+        reach = f"misses {target_params:,} parameters"
     note = (
         f"{method} {reach}; kept the nearest natural setting {format_knobs(knobs)} "
         f"({params:,} parameters, {match.relative_error:+.0%})"
@@ -441,16 +453,21 @@ def match_budget(
     return BudgetMatch(method, dict(knobs), params, target_params, note, candidates)
 
 
-def _out_of_reach_message(match: BudgetMatch, tolerance: float) -> str:
+def _nearest_settings(match: BudgetMatch) -> str:
+    """``"32,256 (r=3, lora_alpha=6, -12%) and 41,472 (r=4, lora_alpha=8, +12%)"``: the settings either side."""
     below = max((c for c in match.candidates if c[1] <= match.target), key=lambda c: c[1], default=None)
     above = min((c for c in match.candidates if c[1] > match.target), key=lambda c: c[1], default=None)
-    nearest = " and ".join(
+    return " and ".join(
         f"{params:,} ({format_knobs(knobs)}, {(params - match.target) / match.target:+.0%})"
         for knobs, params in (c for c in (below, above) if c is not None)
     )
+
+
+def _out_of_reach_message(match: BudgetMatch, tolerance: float) -> str:
     counts = [c[1] for c in match.candidates]
     return (
         f"a budget of {match.target:,} adapter parameters is out of reach for {match.method}: the nearest knob "
-        f"settings give {nearest} (allowed: ±{tolerance:.0%}; reachable range {min(counts):,}–{max(counts):,}). "
+        f"settings give {_nearest_settings(match)} (allowed: ±{tolerance:.0%}; reachable range "
+        f"{min(counts):,}–{max(counts):,}). "
         "Pick a budget in reach, other target modules, or a wider --budget-tolerance."
     )

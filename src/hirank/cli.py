@@ -83,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
         "--budget-tolerance",
         type=_number("--budget-tolerance"),
         default=0.10,
-        help="allowed relative miss of the budget",
+        help="allowed relative miss of the budget; beyond it a method runs at its nearest natural setting with a "
+        "note, or is out of reach where the budget lies beyond all its settings",
     )
     compare.add_argument("--seeds", type=_number("--seeds"), default=3, help="seeds 0..N-1 per method")
     compare.add_argument("--epochs", type=_number("--epochs"), default=3, help="passes over the training split")

@@ -90,7 +90,7 @@ class CompareOptions:
     general_text_pairs: int = 128
     references: bool = True  # also run the no-adapter reference (head only / zero shot), see REFERENCES
     timing: bool = True  # after the runs, time every method side by side (hirank.bench.timing); not in the run hash
-    # a method whose knobs cannot reach the budget within the tolerance is left out (listed in OUT_OF_REACH_FILE)
+    # a method out of the budget's reach (every setting above it, or below) is left out (listed in OUT_OF_REACH_FILE)
     # instead of stopping the comparison with BudgetError: for budget sweeps, where small budgets exclude some
     skip_out_of_reach: bool = False
     out: Path | None = None

@@ -393,7 +393,7 @@ def _timing_notes(folder: Path, timings: Mapping[Key, TimingRatio]) -> list[str]
 
 def _budget_notes(records: list[Record], out_of_reach: Mapping[str, str]) -> list[str]:
     """One line per method whose natural knobs could not reach the budget (its row is at its natural size), and
-    one per method left out because no setting came within the tolerance."""
+    one per method left out because the budget lies beyond all its settings."""
     notes = list(dict.fromkeys(record["budget_note"] for record in records if record.get("budget_note")))
     notes += [f"left out: {message}" for message in out_of_reach.values()]
     return ["**Budget not reached naturally:**", *(f"- {note}" for note in notes), ""] if notes else []

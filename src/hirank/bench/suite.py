@@ -248,7 +248,7 @@ def _adapter_rows(rows: list[Row]) -> dict[str, Row]:
 
 def budget_sweep_table(sweep: list[tuple[SuiteEntry, list[Row]]], folder: Path) -> str:
     """One row per method, one column per budget entry: mean test accuracy ± std (adapter parameters), or *out of
-    reach* where the method's knobs cannot come within the tolerance of that budget (it was left out)."""
+    reach* where the budget lies beyond every setting of the method (it was left out)."""
     per_budget = [(entry, _adapter_rows(rows), load_out_of_reach(folder / entry.folder_name)) for entry, rows in sweep]
     methods = list(dict.fromkeys(method for _, rows, skipped in per_budget for method in [*rows, *skipped]))
     lines = [
@@ -346,8 +346,8 @@ def _sweep_section(sweep: list[tuple[SuiteEntry, list[Row]]], folder: Path) -> l
         "",
         "Test accuracy (%), mean ± std over seeds, and the adapter parameters in brackets, per budget. A method whose "
         "natural knobs cannot reach a budget runs at its nearest natural size (see the budget notes of that budget's "
-        "report): compare it with LoRA at the budget nearest its parameter count. *Out of reach*: no setting of the "
-        "method comes within the tolerance of that budget, so it was left out there.",
+        "report): compare it with LoRA at the budget nearest its parameter count. *Out of reach*: every setting of the "
+        "method lies above that budget (or below it), so it was left out there.",
         "",
         f"![accuracy vs adapter budget]({SWEEP_PLOT})",
         "",
