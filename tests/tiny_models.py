@@ -78,10 +78,10 @@ def _gpt2() -> nn.Module:
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=64, n_layer=2, n_head=4))
 
 
-def _llama() -> nn.Module:
+def _llama(intermediate_size: int = 96) -> nn.Module:
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=16,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
     )
     return LlamaForCausalLM(config)
 
@@ -105,6 +105,12 @@ TINY_MODELS = {
         TinyModel("bert", _seeded(_bert), ("query", "value"), "LayerNorm"),
     )
 }
+
+# every in_features a multiple of bitsandbytes' 4-bit block (64), as in real LLMs: bitsandbytes 0.50.2 fails to pack
+# down_proj (96 → 64) for its AVX512-BF16 CPU kernel ("shape '[64, 1]' is invalid for input of size 96")
+QUANTIZABLE_LLAMA = TinyModel(
+    "llama", _seeded(lambda: _llama(intermediate_size=128)), ("q_proj", "v_proj", "down_proj"), "input_layernorm"
+)
 
 AWKWARD_MODEL = TinyModel("awkward_mlp", _seeded(lambda: MLP(width=61, hidden=61)), ("lin0", "lin1"), "norm")
 

@@ -170,19 +170,43 @@ def check_weight_storage(base_layer: nn.Module) -> None:
     )
 
 
+def _packed_for_cpu_kernel(weight: nn.Parameter) -> bool:
+    """Whether bitsandbytes repacked this 4-bit weight for its AVX512-BF16 CPU kernel (done in place on the first
+    eval forward on such a CPU; ``dequantize_4bit`` reads only the portable layout)."""
+    return getattr(weight.quant_state, "packing_format_for_cpu", False)
+
+
+def _restore_portable_4bit_layout(weight: nn.Parameter) -> None:
+    """Undo bitsandbytes' CPU-kernel packing in place, keeping exactly the bf16 absmax the kernel computes with.
+
+    bitsandbytes' own inverse restores the codes, but leaves a plain absmax as the kernel's transposed
+    (in / blocksize, out) matrix and re-quantizes a double-quantized one, a lossy step (0.50.2).
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # the only inverse bitsandbytes has
+
+    absmax = weight.quant_state.absmax.T.reshape(-1).float()  # blocks in row-major order, as quantize_4bit lays them
+    weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    state.absmax, state.nested, state.offset, state.state2 = absmax, False, None, None
+    weight.quant_state = state
+
+
 def merge_weight_dtype(base_layer: nn.Module) -> torch.dtype:
     """The dtype of the layer's weight as ΔW is added to it (what a quantized weight dequantizes to)."""
     kind = quantized_weight_kind(base_layer)
     if kind == "4bit":
-        return base_layer.weight.quant_state.dtype
+        state = base_layer.weight.quant_state
+        return state.original_dtype if _packed_for_cpu_kernel(base_layer.weight) else state.dtype
     return torch.float32 if kind == "8bit" else base_layer.weight.dtype
 
 
 def dense_base_weight(base_layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as a dense float tensor in its stored layout (bitsandbytes weights dequantized)."""
+    """The layer's weight as a dense float tensor in its stored layout (bitsandbytes weights dequantized; a
+    4-bit weight packed for bitsandbytes' CPU kernel is first returned to the portable layout)."""
     kind = quantized_weight_kind(base_layer)
     if kind is None:
         return base_layer.weight.data
+    if kind == "4bit" and _packed_for_cpu_kernel(base_layer.weight):
+        _restore_portable_4bit_layout(base_layer.weight)
     state = base_layer.weight.quant_state if kind == "4bit" else base_layer.state
     return dequantize_bnb_weight(base_layer.weight, state=state).to(merge_weight_dtype(base_layer))
 
