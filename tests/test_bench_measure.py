@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from hirank.analysis import delta_weights, effective_rank
 from hirank.bench.measure import effective_rank_of_updates
+from hirank.bench.methods import METHODS, PEERS
+from tests.tiny_models import TINY_MODELS
 
 
 def test_effective_rank_counts_directions_below_float32_rounding() -> None:
@@ -24,6 +29,33 @@ def test_effective_rank_counts_directions_below_float32_rounding() -> None:
     assert effective_rank_of_updates(model) == {
         "effective_rank_mean": 2.0, "effective_rank_min": 2, "effective_rank_max": 2
     }
+
+
+@pytest.mark.parametrize("name", ["lora", *PEERS])
+def test_each_peers_update_is_what_merging_adds_to_the_weights(name: str) -> None:
+    """peft's get_delta_weight is not the update for every method (DoRA, OFT, HiRA; BOFT returns a tuple, which
+    crashed effective_rank_of_updates after training BOFT): ΔW must be W_merged − W for each of them."""
+    tiny = TINY_MODELS["llama"]
+    spec = METHODS[name]
+    knobs = next(iter(spec.knob_grid([(64, 64), (64, 32)])))
+    model = get_peft_model(tiny.build(), spec.make_config(["q_proj", "v_proj"], knobs))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained adapter: every trainable tensor away from its (often ΔW = 0) init
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    base = {name: module.get_base_layer().weight.detach().clone()
+            for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+    merged = dict(copy.deepcopy(model).merge_and_unload().named_modules())
+
+    deltas = delta_weights(model, dtype=torch.float64)
+    assert deltas.keys() == base.keys()
+    for layer, delta in deltas.items():
+        expected = merged[layer.removeprefix("base_model.model.")].weight - base[layer]
+        assert expected.abs().max() > 1e-4, "the update is zero: the check below would prove nothing"
+        torch.testing.assert_close(delta.float(), expected, rtol=0, atol=1e-6 * base[layer].abs().max().item())
+    ranks = effective_rank_of_updates(model)
+    assert 1 <= ranks["effective_rank_min"] <= ranks["effective_rank_max"] <= 64
 
 
 def test_save_adapter_replaces_a_folder_whole_or_not_at_all(tmp_path, monkeypatch) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from .budget import DEFAULT_BUDGET_TOLERANCE, BudgetMatch, match_budget
 from .convert import LoraConversion, lora_energy_by_rank, to_lora  # serving: LoRA by SVD of ΔW
+from .tuners.base import HirankLayer, quantized_weight_kind
 
 __all__ = [
     "DEFAULT_BUDGET_TOLERANCE",
@@ -41,13 +42,14 @@ def trainable_parameters(model: nn.Module) -> int:
 def delta_weights(
     model: nn.Module, adapter_name: Optional[str] = None, dtype: Optional[torch.dtype] = None
 ) -> dict[str, torch.Tensor]:
-    """Module name → dense ΔW (out_features × in_features) of every adapted layer.
+    """Module name → dense ΔW (out_features × in_features) of every adapted layer: the update merging applies.
 
-    Works for hirank layers and for peft layers that expose ``get_delta_weight`` (LoRA, ...).
-    ``adapter_name`` defaults to each layer's first active adapter. ``dtype=torch.float64`` recomputes
-    ΔW from the adapter's parameters in float64 (on a copy of the layer): use it for rank analysis,
-    where float32 rounding blurs singular values below σ_max·1e-5. Default: the adapter's own precision
-    (at least float32).
+    Works for hirank layers and for every mergeable peft layer: for peft's own methods ΔW is the merged weight
+    minus the base weight, taken on a copy of the layer, since their ``get_delta_weight`` is not that update for
+    all of them (DoRA: B·A without its magnitude rescaling; OFT and BOFT: the rotation; HiRA: before its Hadamard
+    product with W). ``adapter_name`` defaults to each layer's first active adapter. ``dtype=torch.float64``
+    recomputes ΔW in float64 (on a copy of the layer): use it for rank analysis, where float32 rounding blurs
+    singular values below σ_max·1e-5. Default: the adapter's own precision (at least float32).
     """
     deltas: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
@@ -56,12 +58,30 @@ def delta_weights(
         adapter = adapter_name or module.active_adapters[0]
         if adapter not in module._all_available_adapter_names():
             continue
-        layer = copy.deepcopy(module).to(dtype) if dtype is not None else module
         with torch.no_grad():
-            delta = layer.get_delta_weight(adapter)
+            delta = _update(module, adapter, dtype)
         delta = delta.T if getattr(module, "fan_in_fan_out", False) else delta
         deltas[name] = delta.detach().to(dtype or torch.promote_types(delta.dtype, torch.float32))
     return deltas
+
+
+def _update(module: BaseTunerLayer, adapter: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """ΔW of one layer in its weight's stored layout (see :func:`delta_weights`)."""
+    if isinstance(module, HirankLayer):  # additive by construction: its ΔW directly
+        layer = copy.deepcopy(module).to(dtype) if dtype is not None else module
+        return layer.get_delta_weight(adapter)
+    if quantized_weight_kind(module.get_base_layer()) is not None:
+        raise NotImplementedError(
+            f"ΔW of peft's {type(module).__name__} on a quantized base: the merged weight would carry the "
+            "requantization error."
+        )
+    layer = copy.deepcopy(module)
+    layer = layer.to(dtype) if dtype is not None else layer
+    if layer.merged:
+        layer.unmerge()
+    before = layer.get_base_layer().weight.detach().clone()
+    layer.merge(adapter_names=[adapter])
+    return layer.get_base_layer().weight.detach() - before
 
 
 class NonFiniteError(ValueError):
