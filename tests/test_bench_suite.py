@@ -51,7 +51,7 @@ def test_cli_suite_and_list(capsys: pytest.CaptureFixture, tmp_path: Path) -> No
     assert cli.main(["list"]) == 0
     listed = capsys.readouterr().out
     assert "peers = lora,dora,vera,c3a,fourierft,lokr,oft,boft,hira,randlora" in listed
-    assert "  c3a " in listed and "not tuned yet" in listed and "glue-small   minilm/sst2, minilm/mrpc, minilm/rte" in listed
+    assert "  c3a " in listed and "lr 0.05 (tuned: best of 2e-3, 5e-3, 2e-2, 5e-2, 1e-1, 2e-1" in listed and "glue-small   minilm/sst2, minilm/mrpc, minilm/rte" in listed
 
 
 def test_a_control_entry_is_reported_but_left_out_of_the_overall_table(tmp_path: Path) -> None:
