@@ -38,8 +38,23 @@ def test_tiny_suite_runs_every_task_into_one_report_and_resumes(
     assert trained == []
 
 
+def test_a_suite_compares_its_own_methods_unless_told_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hirank.bench import suite as suite_module
+
+    compared: list[tuple[str, ...] | None] = []
+    monkeypatch.setattr(suite_module, "compare", lambda options: compared.append(options.methods))
+    monkeypatch.setattr(suite_module, "build_report", lambda folder: None)
+    monkeypatch.setattr(suite_module, "build_suite_report", lambda suite, folder: "")
+    peers = get_suite("sst2-peers")
+    run_suite(peers, CompareOptions(), tmp_path / "peers")
+    run_suite(peers, CompareOptions(methods=("lora", "dora")), tmp_path / "two")
+    run_suite(get_suite("glue-small"), CompareOptions(), tmp_path / "glue")
+    assert compared == [("all",), ("lora", "dora"), *[None] * len(get_suite("glue-small").entries)]
+    assert set(CompareOptions(methods=("all",)).method_names()) >= {"lora", "quanta", "surm", "dora", "boft", "hira"}
+
+
 def test_unknown_suite_names_the_known_ones() -> None:
-    with pytest.raises(UnknownSuiteError, match="known suites: glue-small, commonsense, sst2-budgets, tiny"):
+    with pytest.raises(UnknownSuiteError, match="known suites: glue-small, commonsense, sst2-budgets, sst2-peers, tiny"):
         get_suite("glue")
 
 
@@ -47,7 +62,7 @@ def test_cli_suite_and_list(capsys: pytest.CaptureFixture, tmp_path: Path) -> No
     from hirank import cli
 
     assert cli.main(["suite", "nosuch", "--out", str(tmp_path / "s")]) == 2
-    assert "unknown suite 'nosuch'; known suites: glue-small, commonsense, sst2-budgets, tiny" in capsys.readouterr().err
+    assert "unknown suite 'nosuch'; known suites: glue-small, commonsense, sst2-budgets, sst2-peers, tiny" in capsys.readouterr().err
     assert cli.main(["list"]) == 0
     listed = capsys.readouterr().out
     assert "peers = lora,dora,vera,c3a,fourierft,lokr,oft,boft,hira,randlora" in listed

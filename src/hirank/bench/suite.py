@@ -82,6 +82,7 @@ class Suite:
     name: str
     description: str
     entries: tuple[SuiteEntry, ...]
+    methods: tuple[str, ...] | None = None  # what it compares when ``--methods`` is not given (None: the default set)
 
 
 RTE_CONTROL = (
@@ -124,6 +125,13 @@ SUITES: dict[str, Suite] = {
             tuple(SuiteEntry("minilm", "sst2", epochs=3, budget=f"lora-r{rank}") for rank in (1, 2, 4, 8)),
         ),
         Suite(
+            "sst2-peers",
+            "MiniLM on SST-2 (glue-small's schedule) with hirank's methods and peft's own high-rank or parameter-lean "
+            "methods (DoRA, VeRA, C3A, FourierFT, LoKr, OFT, BOFT, HiRA, RandLoRA), all at LoRA r=4's budget",
+            (SuiteEntry("minilm", "sst2", epochs=3),),
+            methods=("all",),
+        ),
+        Suite(
             "tiny",
             "tiny config-built models (tests and smoke runs)",
             (
@@ -147,6 +155,7 @@ def get_suite(name: str) -> Suite:
 
 def run_suite(suite: Suite, base: CompareOptions, folder: Path) -> str:
     """Run (or resume) every comparison of ``suite`` into ``folder``; writes and returns the suite report."""
+    base = replace(base, methods=base.methods or suite.methods)
     for entry in suite.entries:
         compare(entry.options(base, folder))
         build_report(folder / entry.folder_name)
