@@ -56,6 +56,9 @@ def test_each_peers_update_is_what_merging_adds_to_the_weights(name: str) -> Non
         torch.testing.assert_close(delta.float(), expected, rtol=0, atol=1e-6 * base[layer].abs().max().item())
     ranks = effective_rank_of_updates(model)
     assert 1 <= ranks["effective_rank_min"] <= ranks["effective_rank_max"] <= 64
+    model.merge_adapter()  # a merged layer's ΔW is the same update, not one taken from the merged weight again
+    for layer, delta in delta_weights(model, dtype=torch.float64).items():
+        torch.testing.assert_close(delta, deltas[layer], rtol=0, atol=1e-5 * base[layer].abs().max().item())
 
 
 def test_save_adapter_replaces_a_folder_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
