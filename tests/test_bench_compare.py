@@ -287,3 +287,23 @@ def test_a_method_out_of_the_budgets_reach_stops_a_comparison_unless_it_may_be_l
     build_report(tmp_path / "out")
     assert "- left out: a budget of 512 adapter parameters is out of reach for dora" in (
         tmp_path / "out" / "report.md").read_text()
+
+
+def test_evaluation_shows_its_progress(capsys: pytest.CaptureFixture) -> None:
+    """Scoring a multiple-choice split on an LLM takes minutes on a CPU: it gets a named progress bar."""
+    import torch
+    from accelerate import Accelerator
+
+    from hirank.bench.train import evaluate
+
+    class EveryOtherRight:
+        @staticmethod
+        def correct(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+            return batch % 2 == 0
+
+    batches = [torch.arange(4), torch.arange(4, 8)]
+    accelerator, model = Accelerator(cpu=True), torch.nn.Linear(2, 2)
+    assert evaluate(accelerator, model, EveryOtherRight(), batches, "lora seed 0 validation 1") == 0.5
+    assert "lora seed 0 validation 1" in capsys.readouterr().err
+    assert evaluate(accelerator, model, EveryOtherRight(), batches) == 0.5
+    assert capsys.readouterr().err == ""

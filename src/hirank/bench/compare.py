@@ -489,7 +489,7 @@ def _run(
         model = get_peft_model(loaded.model, config)
         adapter_params = adapter_parameters(model)
     if plan.method_name == ZERO_SHOT:
-        result = evaluate_untrained(accelerator, model, loaded.tokenizer, task, splits, train_config)
+        result = evaluate_untrained(accelerator, model, loaded.tokenizer, task, splits, train_config, description)
         prepared = model
     else:
         result, prepared = train_and_evaluate(

@@ -85,12 +85,16 @@ def _nonfinite(accelerator: Accelerator, loss: torch.Tensor, grad_norm: torch.Te
     return None
 
 
-def evaluate(accelerator: Accelerator, model: nn.Module, task: Task, loader: DataLoader) -> float:
-    """Accuracy over the whole split (gathered across processes, padding duplicates dropped)."""
+def evaluate(
+    accelerator: Accelerator, model: nn.Module, task: Task, loader: DataLoader, description: str = ""
+) -> float:
+    """Accuracy over the whole split (gathered across processes, padding duplicates dropped), with a progress bar
+    named ``description`` on the main process (a multiple-choice split on an LLM takes minutes on a CPU)."""
     model.eval()
     outcomes = []
+    batches = tqdm(loader, desc=description, leave=False, disable=not (description and accelerator.is_main_process))
     with torch.no_grad():
-        for batch in loader:
+        for batch in batches:
             outcomes.append(accelerator.gather_for_metrics(task.correct(model, batch)))
     return torch.cat(outcomes).float().mean().item()
 
@@ -162,7 +166,7 @@ def train_and_evaluate(
             result.train_time_s += time.perf_counter() - epoch_start
             if result.diverged:
                 break
-            accuracy = evaluate(accelerator, model, task, validation_loader)
+            accuracy = evaluate(accelerator, model, task, validation_loader, f"{description} validation {epoch + 1}")
             result.validation_accuracy.append(accuracy)
             if epoch == 0 or accuracy > result.validation_accuracy[result.best_epoch]:
                 result.best_epoch, best_state = epoch, _trainable_state(model)
@@ -176,21 +180,22 @@ def train_and_evaluate(
     if not all(bool(torch.isfinite(p).all()) for p in trainable):  # finite gradients, yet an overflowing update
         result.diverged_at_step, result.nonfinite = result.steps, "parameters"
         return result, model
-    result.test_accuracy = evaluate(accelerator, model, task, test_loader)
+    result.test_accuracy = evaluate(accelerator, model, task, test_loader, f"{description} test")
     return result, model
 
 
 def evaluate_untrained(
     accelerator: Accelerator, model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, splits: Splits,
     config: TrainConfig,
+    description: str = "",
 ) -> TrainResult:
     """Validation and test accuracy of ``model`` as it is, with no training (the zero-shot reference)."""
     collate = task.eval_collator(tokenizer, config.max_length)
     loaders = [_loader(split, collate, config.eval_batch_size) for split in (splits.validation, splits.test)]
     model, validation_loader, test_loader = accelerator.prepare(model, *loaders)
     result = TrainResult()
-    result.validation_accuracy = [evaluate(accelerator, model, task, validation_loader)]
-    result.test_accuracy = evaluate(accelerator, model, task, test_loader)
+    result.validation_accuracy = [evaluate(accelerator, model, task, validation_loader, f"{description} validation")]
+    result.test_accuracy = evaluate(accelerator, model, task, test_loader, f"{description} test")
     return result
 
 
