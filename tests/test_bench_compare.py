@@ -307,3 +307,35 @@ def test_evaluation_shows_its_progress(capsys: pytest.CaptureFixture) -> None:
     assert "lora seed 0 validation 1" in capsys.readouterr().err
     assert evaluate(accelerator, model, EveryOtherRight(), batches) == 0.5
     assert capsys.readouterr().err == ""
+
+
+def test_the_base_models_general_loss_is_measured_once(
+    finished: tuple[CompareOptions, list[dict]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forgetting compares each trained model's loss on general text with the base model's, which is the same for
+    every run on one model: measured by the first run, then taken from the records (an LLM's pass is minutes)."""
+    from hirank.bench import measure
+
+    options, records = finished
+    assert len({r["general_loss_before"] for r in records}) == 1
+    options = _copy(options, tmp_path / "out")
+    results = options.output_dir() / RESULTS_FILE
+    passes = []
+    real_loss = measure.contrastive_loss
+
+    def counting_loss(*args, **kwargs):
+        passes.append(1)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(measure, "contrastive_loss", counting_loss)
+    lines = results.read_text().splitlines()
+    results.write_text("\n".join(lines[:-1]) + "\n")  # one run to do, the others recorded
+    again = compare(options)
+    assert len(passes) == 1  # the trained model's loss only
+    assert again[-1]["general_loss_before"] == records[-1]["general_loss_before"]
+    assert again[-1]["general_loss_after"] == records[-1]["general_loss_after"]
+    results.write_text("")  # every run to do: the first measures the base model, the others reuse it
+    passes.clear()
+    again = compare(options)
+    assert len(passes) == len(records) + 1
+    assert [r["general_loss_before"] for r in again] == [r["general_loss_before"] for r in records]

@@ -323,6 +323,8 @@ def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> 
     for record in recorded.values():
         if record.get("run_time_s") is not None:
             run_seconds.setdefault(record["method"], []).append(record["run_time_s"])
+    # the base model's loss on the general text is the same for every run here (same model, texts and length)
+    base_loss = next((r["general_loss_before"] for r in recorded.values() if r.get("general_loss_before") is not None), None)
     waiting_noted = False
     while pending:
         busy: list[RunPlan] = []
@@ -335,9 +337,10 @@ def compare(options: CompareOptions, accelerator: Accelerator | None = None) -> 
                 continue
             try:
                 if decision == "train":
-                    record = _run(plan, options, task, splits, pairs, accelerator)
+                    record = _run(plan, options, task, splits, pairs, base_loss, accelerator)
                     if accelerator.is_main_process:
                         append_record(results_path, record)
+                        base_loss = record.get("general_loss_before", base_loss)
                         run_seconds.setdefault(plan.method_name, []).append(record["run_time_s"])
             finally:
                 if claim is not None:
@@ -472,10 +475,12 @@ def _run(
     task: Task,
     splits: Splits,
     pairs: list[tuple[str, str]],
+    base_loss: float | None,
     accelerator: Accelerator,
 ) -> Record:
     """Train one run on every process; the main process measures and returns its record (others: ``{}``).
-    A diverged run is recorded without measurements and its adapter is not saved."""
+    A diverged run is recorded without measurements and its adapter is not saved. ``base_loss``: the base
+    model's loss on ``pairs`` if an earlier run measured it."""
     started = time.perf_counter()
     set_seed(plan.seed)  # head init, adapter init, data order, dropout
     loaded = _load(options, task, accelerator)
@@ -508,7 +513,7 @@ def _run(
         elif plan.is_reference:  # no adapter: nothing to save, merge or rank; the base model is unchanged
             measured = {"head_params": sum(p.numel() for p in trained.parameters() if p.requires_grad)}
         else:
-            measured = _measurements(trained, loaded, task, splits, pairs, options, plan, accelerator)
+            measured = _measurements(trained, loaded, task, splits, pairs, base_loss, options, plan, accelerator)
         record = {
             "run_id": plan.run_id,
             "method": plan.method_name,
@@ -593,6 +598,7 @@ def _measurements(
     task: Task,
     splits: Splits,
     pairs: list[tuple[str, str]],
+    base_loss: float | None,
     options: CompareOptions,
     plan: RunPlan,
     accelerator: Accelerator,
@@ -606,7 +612,7 @@ def _measurements(
     return {
         "head_params": saved_module_parameters(model),
         "adapter_file_bytes": save_adapter(model, options.output_dir() / "adapters" / plan.run_id),
-        **forgetting(model, loaded.tokenizer, task.kind, pairs, options.max_length),
+        **forgetting(model, loaded.tokenizer, task.kind, pairs, options.max_length, base_loss),
         **effective_rank_of_updates(model),
         **forward_times(model, timing_batch),
     }

@@ -154,14 +154,21 @@ def language_model_loss(
 
 @torch.no_grad()
 def forgetting(
-    model: PeftModel, tokenizer: PreTrainedTokenizerBase, kind: str, pairs: list[tuple[str, str]], max_length: int
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    kind: str,
+    pairs: list[tuple[str, str]],
+    max_length: int,
+    before: float | None = None,
 ) -> dict[str, float]:
     """``{"general_loss_before", "general_loss_after", "forgetting"}`` (see the module docstring); texts are
-    truncated to ``max_length`` tokens."""
+    truncated to ``max_length`` tokens. ``before``: the base model's loss on the same texts, when known (it is the
+    same for every run on one model), instead of measuring it again."""
     loss = contrastive_loss if kind == "classification" else language_model_loss
     model.eval()
-    with model.disable_adapter():
-        before = loss(model, tokenizer, pairs, max_length)
+    if before is None:
+        with model.disable_adapter():
+            before = loss(model, tokenizer, pairs, max_length)
     after = loss(model, tokenizer, pairs, max_length)
     return {"general_loss_before": before, "general_loss_after": after, "forgetting": after - before}
 
