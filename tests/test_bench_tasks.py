@@ -171,6 +171,41 @@ def test_multiple_choice_scores_only_the_answers_and_equal_each_sequence_scored_
     assert bool(calls) == (build == "no-extras")
 
 
+def test_multiple_choice_scoring_pads_each_forward_to_its_own_longest_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hirank.bench import tasks
+
+    torch.manual_seed(0)
+    tokenizer = char_tokenizer("causal_lm")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
+    masks = []
+    model.register_forward_pre_hook(lambda _m, _args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True)
+    examples = [
+        {"prompt": "a long question, much longer than the others are", "choices": ["one", "two"], "answer": 0},
+        {"prompt": "q?", "choices": ["y", "n"], "answer": 1},
+        {"prompt": "short", "choices": ["a", "a rather longer choice"], "answer": 1},
+    ]
+    task = TASKS["arc_easy"]
+    batch = task.eval_collator(tokenizer, 64)(examples)
+    lengths = batch["attention_mask"].sum(-1)
+    with torch.no_grad():
+        monkeypatch.setattr(tasks, "SCORING_TOKENS", 10_000)  # one forward, padded to the longest sequence
+        padded = task.choice_scores(model, batch)
+        assert [mask.shape for mask in masks] == [batch["input_ids"].shape]
+        masks.clear()
+        budget = 2 * int(lengths.max())
+        monkeypatch.setattr(tasks, "SCORING_TOKENS", budget)
+        grouped = task.choice_scores(model, batch)
+    assert sum(len(mask) for mask in masks) == len(lengths) and all(mask.numel() <= budget for mask in masks)
+    # longest first, each forward as wide as its own longest sequence (no column of padding only)
+    assert all(bool(mask[:, 0].any()) for mask in masks)
+    assert [mask.shape[1] for mask in masks] == sorted((mask.shape[1] for mask in masks), reverse=True)
+    assert sum(mask.numel() for mask in masks) < batch["attention_mask"].numel()
+    torch.testing.assert_close(grouped, padded, atol=1e-5, rtol=1e-5)
+
+
 def test_multiple_choice_training_labels_cover_only_the_answer() -> None:
     tokenizer = char_tokenizer("causal_lm")
     batch = TASKS["arc_easy"].train_collator(tokenizer, 64)([{"prompt": "q?", "choices": ["no", "yes"], "answer": 1}])

@@ -1,0 +1,58 @@
+"""Multiple-choice scoring on SmolLM2-135M: one forward per batch padded to its longest choice, against
+forwards grouped by length (``hirank.bench.tasks.SCORING_TOKENS`` tokens each, as evaluation runs them).
+
+One batch of ``--questions`` validation questions of a commonsense task (as ``hirank suite commonsense``
+scores them: 96 tokens at most); interleaved rounds of thread CPU time, median and spread (min–max) of the
+per-round ratio; the padded tokens each way; and the largest difference between the two ways' scores.
+
+    .venv/bin/python benchmarks/scoring.py [--task piqa] [--questions 64] [--rounds 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import argument_parser, interleaved_seconds, parse_args  # noqa: E402
+from hirank.bench import tasks  # noqa: E402
+from hirank.bench.models import load_model  # noqa: E402
+
+
+def main() -> None:
+    parser = argument_parser(__doc__.splitlines()[0], threads=1)
+    parser.add_argument("--task", default="piqa")
+    parser.add_argument("--questions", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parse_args(parser)
+    task = tasks.get_task(args.task)
+    loaded = load_model("smollm2", task.kind)
+    model = loaded.model.eval()
+    batch = task.eval_collator(loaded.tokenizer, 96)(task.splits().validation[: args.questions])
+    grouped_tokens = tasks.SCORING_TOKENS
+
+    def score(tokens: int) -> torch.Tensor:
+        tasks.SCORING_TOKENS = tokens
+        with torch.no_grad():
+            return task.choice_scores(model, batch)
+
+    one_forward = batch["input_ids"].numel()
+    steps = {"one padded batch": lambda: score(one_forward), "grouped by length": lambda: score(grouped_tokens)}
+    times = interleaved_seconds(steps, args.rounds, warmup=1)
+    ratios = [one / grouped for one, grouped in zip(times["one padded batch"], times["grouped by length"])]
+    lengths = batch["attention_mask"].sum(-1)
+    padded = sum(len(rows) * int(lengths[rows[0]]) for rows in tasks._length_groups(lengths, grouped_tokens))
+    difference = (score(one_forward) - score(grouped_tokens)).abs().max().item()
+    print(f"{args.task}: {args.questions} questions, {len(lengths)} sequences, {int(lengths.sum())} tokens")
+    print(f"padded tokens: one batch {one_forward}, grouped {padded}")
+    for name, seconds in times.items():
+        print(f"{name}: {statistics.median(seconds):.2f} s (median of {args.rounds} rounds, thread CPU time)")
+    print(f"speed-up: {statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}); "
+          f"largest score difference {difference:.1e}")
+
+
+if __name__ == "__main__":
+    main()
