@@ -1,5 +1,6 @@
-"""Multiple-choice scoring on SmolLM2-135M: one forward per batch padded to its longest choice, against
-forwards grouped by length (``hirank.bench.tasks.SCORING_TOKENS`` tokens each, as evaluation runs them).
+"""Multiple-choice scoring on SmolLM2-135M: one forward of every sequence of a batch padded to its longest
+choice, against ``choice_scores`` (sequences that differ only in a one-token answer share a forward; forwards
+grouped by length, ``hirank.bench.tasks.SCORING_TOKENS`` tokens each, as evaluation runs them).
 
 One batch of ``--questions`` validation questions of a commonsense task (as ``hirank suite commonsense``
 scores them: 96 tokens at most); interleaved rounds of thread CPU time, median and spread (min–max) of the
@@ -32,22 +33,25 @@ def main() -> None:
     loaded = load_model("smollm2", task.kind)
     model = loaded.model.eval()
     batch = task.eval_collator(loaded.tokenizer, 96)(task.splits().validation[: args.questions])
-    grouped_tokens = tasks.SCORING_TOKENS
 
-    def score(tokens: int) -> torch.Tensor:
-        tasks.SCORING_TOKENS = tokens
+    def one_batch() -> torch.Tensor:
+        with torch.no_grad():
+            return task._grouped_choice_scores(model, batch)[0]
+
+    def scored() -> torch.Tensor:
         with torch.no_grad():
             return task.choice_scores(model, batch)
 
-    one_forward = batch["input_ids"].numel()
-    steps = {"one padded batch": lambda: score(one_forward), "grouped by length": lambda: score(grouped_tokens)}
-    times = interleaved_seconds(steps, args.rounds, warmup=1)
-    ratios = [one / grouped for one, grouped in zip(times["one padded batch"], times["grouped by length"])]
+    times = interleaved_seconds({"one padded batch": one_batch, "choice_scores": scored}, args.rounds, warmup=1)
+    ratios = [one / mine for one, mine in zip(times["one padded batch"], times["choice_scores"])]
     lengths = batch["attention_mask"].sum(-1)
-    padded = sum(len(rows) * int(lengths[rows[0]]) for rows in tasks._length_groups(lengths, grouped_tokens))
-    difference = (score(one_forward) - score(grouped_tokens)).abs().max().item()
+    forwarded = tasks._scoring_rows(batch["input_ids"], lengths, batch["answer_mask"].sum(-1)).unique()
+    groups = tasks._length_groups(lengths[forwarded], tasks.SCORING_TOKENS)
+    padded = sum(len(rows) * int(lengths[forwarded][rows[0]]) for rows in groups)
+    difference = (one_batch() - scored()).abs().max().item()
     print(f"{args.task}: {args.questions} questions, {len(lengths)} sequences, {int(lengths.sum())} tokens")
-    print(f"padded tokens: one batch {one_forward}, grouped {padded}")
+    print(f"padded tokens: one batch {batch['input_ids'].numel()}, choice_scores {padded} "
+          f"({len(forwarded)} sequences forwarded)")
     for name, seconds in times.items():
         print(f"{name}: {statistics.median(seconds):.2f} s (median of {args.rounds} rounds, thread CPU time)")
     print(f"speed-up: {statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}); "

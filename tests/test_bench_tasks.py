@@ -206,6 +206,36 @@ def test_multiple_choice_scoring_pads_each_forward_to_its_own_longest_sequence(m
     torch.testing.assert_close(grouped, padded, atol=1e-5, rtol=1e-5)
 
 
+def test_one_token_answers_to_one_prompt_share_a_forward() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = char_tokenizer("causal_lm")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
+    rows_forwarded = []
+    model.register_forward_pre_hook(lambda _m, _args, kwargs: rows_forwarded.append(len(kwargs["input_ids"])),
+                                    with_kwargs=True)
+    token = tokenizer.convert_tokens_to_ids
+    prompt, other = tokenizer("is it so?")["input_ids"], tokenizer("or not")["input_ids"]
+    # yes / no style: two one-token answers to one prompt, one to another, and a two-token answer to the first
+    sequences = [prompt + [token("y")], prompt + [token("n")], other + [token("y")], prompt + [token("y"), token("n")]]
+    answers = [1, 1, 1, 2]
+    task = TASKS["boolq"]
+    input_ids, attention_mask = task._pad(sequences, tokenizer.pad_token_id, left=True)
+    answer_mask, _ = task._pad([[0] * (len(s) - n) + [1] * n for s, n in zip(sequences, answers)], 0, left=True)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "answer_mask": answer_mask,
+             "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
+    with torch.no_grad():
+        scores = task.choice_scores(model, batch)
+        alone = []
+        for sequence, n in zip(sequences, answers):
+            log_probs = torch.log_softmax(model(input_ids=torch.tensor([sequence])).logits[0, :-1], dim=-1)
+            alone.append(log_probs[torch.arange(len(sequence) - 1), torch.tensor(sequence[1:])][-n:].mean())
+    assert sum(rows_forwarded[: -len(sequences)]) == 3  # the second row's answer was scored by the first's forward
+    torch.testing.assert_close(scores, torch.stack(alone), atol=1e-5, rtol=1e-5)
+
+
 def test_multiple_choice_training_labels_cover_only_the_answer() -> None:
     tokenizer = char_tokenizer("causal_lm")
     batch = TASKS["arc_easy"].train_collator(tokenizer, 64)([{"prompt": "q?", "choices": ["no", "yes"], "answer": 1}])

@@ -284,22 +284,29 @@ class MultipleChoiceTask(Task):
         The sequences run longest first in groups of about ``SCORING_TOKENS`` tokens, each group cut to its own
         longest sequence: a batch padded to its longest choice was 2.7-3.0 times its real tokens on ARC-Easy and
         PIQA with SmolLM2's tokenizer (64 questions per batch, 96 tokens at most), the groups 1.03-1.23 times on
-        the six commonsense tasks. Each sequence's score is the same as in one padded batch, up to rounding."""
-        lengths = batch["attention_mask"].sum(-1)
+        the six commonsense tasks. Sequences that differ only in a one-token answer (BoolQ's yes / no, most of
+        WinoGrande's names) share one forward (:func:`_scoring_rows`). Each sequence's score is the same as in
+        one padded batch, up to rounding."""
+        ids, lengths = batch["input_ids"], batch["attention_mask"].sum(-1)
+        scorer = _scoring_rows(ids, lengths, batch["answer_mask"].sum(-1))
+        forwarded, shares = scorer.unique(), scorer != _row_numbers(scorer)  # shares: scored by another row's forward
         scores = torch.empty(len(lengths), device=lengths.device)
-        for rows in _length_groups(lengths, SCORING_TOKENS):
+        for group in _length_groups(lengths[forwarded], SCORING_TOKENS):
+            rows = forwarded[group]
             width = int(lengths[rows[0]])  # the group's longest sequence; the columns cut are padding in every row
             keys = ("input_ids", "attention_mask", "position_ids", "answer_mask")
-            group = {key: batch[key][rows, -width:] for key in keys}
-            scores[rows] = cls._grouped_choice_scores(model, group)
+            scores[rows], last = cls._grouped_choice_scores(model, {key: batch[key][rows, -width:] for key in keys})
+            sharing, member = torch.nonzero(shares[:, None] & (scorer[:, None] == rows[None, :]), as_tuple=True)
+            scores[sharing] = last[member, ids[sharing, -1]]
         return scores
 
     @staticmethod
-    def _grouped_choice_scores(model: nn.Module, batch: Batch) -> torch.Tensor:
-        """:meth:`choice_scores` of one group. The answers end their rows (left padding), so a model that takes
-        ``logits_to_keep`` computes the vocabulary logits only for the last ``span + 1`` positions: a 49k-word
-        head over every prompt token was ~15% of the evaluation's time (SmolLM2, HellaSwag) and a [sequences,
-        length, vocab] float tensor (GBs for a batch of 64 four-way questions)."""
+    def _grouped_choice_scores(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`choice_scores` of one group, and the log-probabilities of every token as each row's last
+        (rows, vocabulary). The answers end their rows (left padding), so a model that takes ``logits_to_keep``
+        computes the vocabulary logits only for the last ``span + 1`` positions: a 49k-word head over every
+        prompt token was ~15% of the evaluation's time (SmolLM2, HellaSwag) and a [sequences, length, vocab]
+        float tensor (GBs for a batch of 64 four-way questions)."""
         ids, answer_mask = batch["input_ids"], batch["answer_mask"]
         span = int(answer_mask.sum(-1).max())  # the last ``span`` tokens hold every answer
         accepted = _forward_parameters(model)
@@ -310,7 +317,7 @@ class MultipleChoiceTask(Task):
         log_probs = torch.log_softmax(logits[:, -(span + 1) : -1].float(), dim=-1)  # predicts the last span tokens
         token_scores = log_probs.gather(-1, ids[:, -span:, None]).squeeze(-1)
         mask = answer_mask[:, -span:].to(token_scores.dtype)
-        return (token_scores * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        return (token_scores * mask).sum(-1) / mask.sum(-1).clamp(min=1), log_probs[:, -1]
 
     def correct(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         choice_scores = self.choice_scores(model, batch)
@@ -319,6 +326,22 @@ class MultipleChoiceTask(Task):
         position = torch.arange(len(owner), device=owner.device) - torch.searchsorted(owner, owner)
         scores[owner, position] = choice_scores
         return scores.argmax(dim=-1) == answer
+
+
+def _row_numbers(rows: torch.Tensor) -> torch.Tensor:
+    return torch.arange(len(rows), device=rows.device)
+
+
+def _scoring_rows(ids: torch.Tensor, lengths: torch.Tensor, answer_lengths: torch.Tensor) -> torch.Tensor:
+    """For each row of left-padded ``ids``, the row whose forward scores it: itself, or, for a one-token answer,
+    the first row with the same tokens before it. A causal LM's log-probabilities at a position do not depend on
+    later tokens, so that row's last position scores every one-token answer to the same prompt."""
+    scorer = _row_numbers(ids)
+    first: dict[tuple[int, ...], int] = {}
+    for row in torch.nonzero((answer_lengths == 1) & (lengths >= 2)).flatten().tolist():
+        prompt = tuple(ids[row, -int(lengths[row]) : -1].tolist())
+        scorer[row] = first.setdefault(prompt, row)
+    return scorer
 
 
 def _length_groups(lengths: torch.Tensor, tokens: int) -> list[torch.Tensor]:
