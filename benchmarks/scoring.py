@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import argument_parser, interleaved_seconds, parse_args  # noqa: E402
-from hirank.bench import tasks  # noqa: E402
+from hirank.bench.tasks import get_task  # noqa: E402
 from hirank.bench.models import load_model  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     args = parse_args(parser)
-    task = tasks.get_task(args.task)
+    task = get_task(args.task)
     loaded = load_model("smollm2", task.kind)
     model = loaded.model.eval()
     batch = task.eval_collator(loaded.tokenizer, 96)(task.splits().validation[: args.questions])
@@ -44,14 +44,16 @@ def main() -> None:
 
     times = interleaved_seconds({"one padded batch": one_batch, "choice_scores": scored}, args.rounds, warmup=1)
     ratios = [one / mine for one, mine in zip(times["one padded batch"], times["choice_scores"])]
-    lengths = batch["attention_mask"].sum(-1)
-    forwarded = tasks._scoring_rows(batch["input_ids"], lengths, batch["answer_mask"].sum(-1)).unique()
-    groups = tasks._length_groups(lengths[forwarded], tasks.SCORING_TOKENS)
-    padded = sum(len(rows) * int(lengths[forwarded][rows[0]]) for rows in groups)
+    fed = []  # the input_ids of every forward choice_scores runs
+    hook = model.register_forward_pre_hook(lambda _m, _args, kwargs: fed.append(kwargs["input_ids"]), with_kwargs=True)
     difference = (one_batch() - scored()).abs().max().item()
+    hook.remove()
+    fed = fed[1:]  # one_batch's single forward first
+    lengths = batch["attention_mask"].sum(-1)
+    padded, forwarded = sum(ids.numel() for ids in fed), sum(len(ids) for ids in fed)
     print(f"{args.task}: {args.questions} questions, {len(lengths)} sequences, {int(lengths.sum())} tokens")
     print(f"padded tokens: one batch {batch['input_ids'].numel()}, choice_scores {padded} "
-          f"({len(forwarded)} sequences forwarded)")
+          f"({forwarded} sequences forwarded)")
     for name, seconds in times.items():
         print(f"{name}: {statistics.median(seconds):.2f} s (median of {args.rounds} rounds, thread CPU time)")
     print(f"speed-up: {statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}); "

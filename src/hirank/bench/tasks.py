@@ -291,10 +291,10 @@ class MultipleChoiceTask(Task):
         scorer = _scoring_rows(ids, lengths, batch["answer_mask"].sum(-1))
         forwarded, shares = scorer.unique(), scorer != _row_numbers(scorer)  # shares: scored by another row's forward
         scores = torch.empty(len(lengths), device=lengths.device)
+        keys = ("input_ids", "attention_mask", "position_ids", "answer_mask")
         for group in _length_groups(lengths[forwarded], SCORING_TOKENS):
             rows = forwarded[group]
             width = int(lengths[rows[0]])  # the group's longest sequence; the columns cut are padding in every row
-            keys = ("input_ids", "attention_mask", "position_ids", "answer_mask")
             scores[rows], last = cls._grouped_choice_scores(model, {key: batch[key][rows, -width:] for key in keys})
             sharing, member = torch.nonzero(shares[:, None] & (scorer[:, None] == rows[None, :]), as_tuple=True)
             scores[sharing] = last[member, ids[sharing, -1]]
