@@ -5,7 +5,8 @@ AdamW. Methods: peft LoRA r=8; QuanTA at its default factors and at LoRA r=8's p
 (``hirank.analysis.match_budget``); and, at the same factors, a reference layer written from the paper: one
 ``torch.einsum`` per gate on the reshaped activation, in the official gate order, with −M(θ₀) folded into a
 copy of W₀ once (as the official code folds it into W at the first forward), autograd saving every gate
-input. Timing: interleaved rounds (each method once per round, thread CPU time), median and spread
+input; and QuanTA's default once more with each pass run whole instead of in cache-sized token chunks
+(``hirank.ops.quanta.CPU_CHUNK_ELEMENTS``; column "whole ÷ this"). Timing: interleaved rounds (each method once per round, thread CPU time), median and spread
 (min–max) of the per-round ratio to LoRA. Memory: bytes autograd saves for backward during one forward
 (saved-tensor hooks, each storage once), deterministic.
 
@@ -28,6 +29,7 @@ from common import (  # noqa: E402
     argument_parser, interleaved_seconds, parse_args, print_table, saved_activation_bytes, tensor_step,
 )
 from hirank.analysis import match_budget, trainable_parameters  # noqa: E402
+from hirank.ops import quanta as quanta_ops  # noqa: E402
 from hirank.ops.quanta import QuantaCircuit, gate_pairs  # noqa: E402
 
 TARGETS = ["0", "2", "4", "6"]
@@ -74,6 +76,18 @@ def einsum_model(quanta_model: nn.Module, d: int) -> nn.Module:
     return model
 
 
+def whole_passes(step):
+    """``step`` with every circuit pass run over all tokens at once (no cache-sized token chunks)."""
+    def run():
+        chunk_elements = quanta_ops.CPU_CHUNK_ELEMENTS
+        quanta_ops.CPU_CHUNK_ELEMENTS = 1 << 62
+        try:
+            return step()
+        finally:
+            quanta_ops.CPU_CHUNK_ELEMENTS = chunk_elements
+    return run
+
+
 def compare(d: int, tokens: int, rounds: int) -> list[dict[str, object]]:
     x = torch.randn(tokens, d)
     lora = get_peft_model(mlp(d), LoraConfig(target_modules=TARGETS, r=8, lora_alpha=16))
@@ -84,7 +98,9 @@ def compare(d: int, tokens: int, rounds: int) -> list[dict[str, object]]:
               "quanta at budget": get_peft_model(mlp(d), hirank.QuantaConfig(target_modules=TARGETS, **match.knobs))}
     models["einsum ref (default factors)"] = einsum_model(models["quanta default"], d)
     models["einsum ref (budget factors)"] = einsum_model(models["quanta at budget"], d)
-    times = interleaved_seconds({name: tensor_step(model.train(), x) for name, model in models.items()}, rounds, 1)
+    steps = {name: tensor_step(model.train(), x) for name, model in models.items()}
+    steps["quanta default, whole passes"] = whole_passes(tensor_step(models["quanta default"], x))
+    times = interleaved_seconds(steps, rounds, 1)
     memory = {name: saved_activation_bytes(lambda m=model: m(x).square().mean(), model) for name, model in models.items()}
 
     def ratio(name: str, reference: str) -> str:
@@ -104,6 +120,7 @@ def compare(d: int, tokens: int, rounds: int) -> list[dict[str, object]]:
             "step ms": f"{1e3 * statistics.median(times[name]):.1f}",
             "step ÷ LoRA": ratio(name, "lora r=8"),
             "einsum ref ÷ this": "-" if reference is None else ratio(reference, name),
+            "whole ÷ this": ratio("quanta default, whole passes", name) if name == "quanta default" else "-",
             "saved MiB": f"{memory[name] / 2**20:.1f}",
             "memory ÷ LoRA": f"{memory[name] / memory['lora r=8']:.2f}",
         })
@@ -120,7 +137,7 @@ def main() -> None:
     for d in (int(v) for v in args.dims.split(",")):
         for tokens in dict.fromkeys(d if t == "d" else int(t) for t in args.tokens.split(",")):
             rows += compare(d, tokens, args.rounds)
-            print_table(rows[-5:], )
+            print_table(rows[-5:])
             print(flush=True)
     print(f"{args.threads} CPU thread(s); median (min–max) of {args.rounds} interleaved rounds")
     print_table(rows)
