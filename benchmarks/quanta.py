@@ -6,9 +6,9 @@ AdamW. Methods: peft LoRA r=8; QuanTA at its default factors and at LoRA r=8's p
 ``torch.einsum`` per gate on the reshaped activation, in the official gate order, with −M(θ₀) folded into a
 copy of W₀ once (as the official code folds it into W at the first forward), autograd saving every gate
 input; and QuanTA's default once more with each pass run whole instead of in cache-sized token chunks
-(``hirank.ops.quanta.CPU_CHUNK_ELEMENTS``; column "whole ÷ this"). Timing: interleaved rounds (each method once per round, thread CPU time), median and spread
-(min–max) of the per-round ratio to LoRA. Memory: bytes autograd saves for backward during one forward
-(saved-tensor hooks, each storage once), deterministic.
+(``hirank.ops.quanta.CPU_CHUNK_ELEMENTS``; column "whole ÷ this"). Timing: interleaved rounds (each method once
+per round, thread CPU time), median and spread (min–max) of the per-round ratio to LoRA. Memory: bytes autograd
+saves for backward during one forward (saved-tensor hooks, each storage once), deterministic.
 
     .venv/bin/python benchmarks/quanta.py [--dims 1024,2048,4096] [--tokens 512,d] [--rounds 7] [--threads 1]
 """

@@ -168,22 +168,6 @@ def test_circuit_and_difference_gradients_are_exact(in_factors, out_factors):
     assert torch.autograd.gradcheck(lambda x, g: circuit.apply_difference(x, g, frozen), (x, gates), fast_mode=True)
 
 
-def test_passes_in_cache_sized_token_chunks_give_the_whole_pass_outputs_and_exact_gradients(monkeypatch):
-    """On CPU a pass runs in chunks of tokens (``CPU_CHUNK_ELEMENTS`` of state each): the whole pass's outputs (to
-    rounding: BLAS blocks a product by its width) and gradients that finite differences confirm."""
-    circuit = QuantaCircuit((4, 4, 2, 2), (4, 4, 4, 3))
-    gates = random_gates(circuit).requires_grad_()
-    frozen = random_gates(circuit, seed=1)
-    x = torch.randn(7, circuit.in_size, dtype=torch.float64, requires_grad=True)
-    whole = circuit.apply_difference(x, gates, frozen)
-    monkeypatch.setattr(quanta_ops, "CPU_CHUNK_ELEMENTS", 2 * circuit.out_size)  # 4 chunks: 2+2+2+1 tokens
-    with _CountOps() as forward:
-        chunked = circuit.apply_difference(x, gates, frozen)
-    assert forward.gemms == 2 * len(circuit.steps) * 4
-    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-13)
-    assert torch.autograd.gradcheck(lambda x, g: circuit.apply_difference(x, g, frozen), (x, gates), fast_mode=True)
-
-
 class _CountOps(TorchDispatchMode):
     """Counts GEMM calls and the elements written by copies (clone, copy_, cat) under it."""
 
@@ -216,6 +200,22 @@ def test_each_gate_is_one_gemm_and_the_state_is_copied_only_at_the_ends(factors)
     with _CountOps() as backward:
         out.backward(torch.randn_like(out))
     assert backward.copied == 3 * state + 2 * params + 2 * params * chunks  # + matrices, gradients per chunk
+
+
+def test_passes_in_cache_sized_token_chunks_give_the_whole_pass_outputs_and_exact_gradients(monkeypatch):
+    """On CPU a pass runs in chunks of tokens (``CPU_CHUNK_ELEMENTS`` of state each): the whole pass's outputs (to
+    rounding: BLAS blocks a product by its width) and gradients that finite differences confirm."""
+    circuit = QuantaCircuit((4, 4, 2, 2), (4, 4, 4, 3))
+    gates = random_gates(circuit).requires_grad_()
+    frozen = random_gates(circuit, seed=1)
+    x = torch.randn(7, circuit.in_size, dtype=torch.float64, requires_grad=True)
+    whole = circuit.apply_difference(x, gates, frozen)
+    monkeypatch.setattr(quanta_ops, "CPU_CHUNK_ELEMENTS", 2 * circuit.out_size)  # 4 chunks: 2+2+2+1 tokens
+    with _CountOps() as forward:
+        chunked = circuit.apply_difference(x, gates, frozen)
+    assert forward.gemms == 2 * len(circuit.steps) * 4
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-13)
+    assert torch.autograd.gradcheck(lambda x, g: circuit.apply_difference(x, g, frozen), (x, gates), fast_mode=True)
 
 
 def test_difference_is_bitwise_zero_while_theta_equals_theta0_yet_gates_get_gradient():

@@ -299,14 +299,6 @@ class QuantaCircuit:
         gate_grads.reverse()
         return grad.reshape(self.in_size, -1), gate_grads
 
-    def _difference_chain(self, x: torch.Tensor, matrices: list[torch.Tensor], frozen: list[torch.Tensor] | None,
-                          same: torch.Tensor | None) -> torch.Tensor:
-        """M(θ)x, or M(θ)x − M(θ₀)x (``frozen``: the θ₀ matrices), in the end layout."""
-        out, _ = self.chain(x, matrices)
-        if frozen is None:
-            return out
-        return _unless_equal(out, self.chain(x, frozen)[0], same)
-
     def to_end_layout(self, y: torch.Tensor) -> torch.Tensor:
         """(T, out_size) natural → the end layout (m_D, …, m_1, T), contiguous. Two copies that run near memory
         speed (a blocked 2-D transpose, then a reversal of the axes in runs of T) instead of one permute whose
@@ -315,13 +307,11 @@ class QuantaCircuit:
         transposed = y.T.contiguous().view(*self.out_factors, y.shape[0])
         return transposed.permute([*range(axes - 1, -1, -1), axes]).contiguous()
 
-    def from_end_layout(self, state: torch.Tensor, tokens: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The end layout (m_D, …, m_1, T) → (T, out_size) natural (into ``out`` if given), by the same two
-        copies in reverse."""
-        axes = len(self.out_factors)
+    def from_end_layout(self, state: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The end layout (m_D, …, m_1, T) → ``out`` (T, out_size) natural, by the same two copies in reverse."""
+        axes, tokens = len(self.out_factors), out.shape[0]
         ordered = state.reshape(*reversed(self.out_factors), tokens).permute([*range(axes - 1, -1, -1), axes])
-        natural = ordered.reshape(self.out_size, tokens).T
-        return natural.contiguous() if out is None else out.copy_(natural)
+        return out.copy_(ordered.reshape(self.out_size, tokens).T)
 
 
 class _Workspace:
@@ -354,12 +344,12 @@ def _backward_chunk(tokens: int, n_gates: int) -> int:
 CPU_CHUNK_ELEMENTS = 1 << 18
 
 
-def _cache_chunk(tokens: int, width: int, device: torch.device) -> int:
+def _cache_chunk(circuit: QuantaCircuit, tokens: int, device: torch.device) -> int:
     """Tokens per chunk of a pass: all of them on accelerators and under torch.compile, else ``CPU_CHUNK_ELEMENTS``
-    worth of state."""
+    worth of the circuit's widest state."""
     if device.type != "cpu" or torch.compiler.is_compiling():
         return max(1, tokens)
-    return max(1, min(tokens, CPU_CHUNK_ELEMENTS // width))
+    return max(1, min(tokens, CPU_CHUNK_ELEMENTS // max(circuit.in_size, circuit.out_size)))
 
 
 def _unless_equal(trained: torch.Tensor, frozen: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
@@ -384,15 +374,14 @@ class _CircuitFunction(torch.autograd.Function):
             matrices = circuit.matrices(flat_gates)
             frozen = None if frozen_gates is None else circuit.matrices(frozen_gates)
             same = None if frozen_gates is None else (flat_gates == frozen_gates).all()
-            tokens = x.shape[0]
-            chunk = _cache_chunk(tokens, max(circuit.in_size, circuit.out_size), x.device)
-            if chunk >= tokens:
-                return circuit.from_end_layout(circuit._difference_chain(x, matrices, frozen, same), tokens)
-            result = x.new_empty(tokens, circuit.out_size)
-            for start in range(0, tokens, chunk):
+            chunk = _cache_chunk(circuit, x.shape[0], x.device)
+            result = x.new_empty(x.shape[0], circuit.out_size)
+            for start in range(0, x.shape[0], chunk):
                 part = x[start: start + chunk]
-                state = circuit._difference_chain(part, matrices, frozen, same)
-                circuit.from_end_layout(state, part.shape[0], out=result[start: start + chunk])
+                state, _ = circuit.chain(part, matrices)
+                if frozen is not None:
+                    state = _unless_equal(state, circuit.chain(part, frozen)[0], same)
+                circuit.from_end_layout(state, result[start: start + chunk])
             return result
 
     @staticmethod
@@ -416,7 +405,7 @@ class _CircuitFunction(torch.autograd.Function):
         need_x, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_gates = None
         grad_x = x.new_empty(x.shape) if need_x else None
-        chunk = _cache_chunk(x.shape[0], max(circuit.in_size, circuit.out_size), x.device)
+        chunk = _cache_chunk(circuit, x.shape[0], x.device)
         if need_gates:
             chunk = min(chunk, _backward_chunk(x.shape[0], len(matrices)))
         for start in range(0, x.shape[0], chunk):
