@@ -23,6 +23,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from hirank.analysis import trainable_parameters
 from hirank.bench import timing
+from hirank.ops import chunks
 from hirank.bench.timing import (  # noqa: F401  (re-exported: the benchmarks import them from here)
     saved_activation_bytes, shared_copy, tensor_step, train_step,
 )
@@ -159,6 +160,19 @@ def dense_delta_forward(layer_cls: type[nn.Module], dropout_attr: str) -> Iterat
         yield
     finally:
         layer_cls.adapter_output = original
+
+
+def whole_passes(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` with every chunked pass (QuanTA's circuit, SURM LDR's product) run over all tokens at once instead
+    of in cache-sized chunks (``hirank.ops.chunks.CPU_CHUNK_ELEMENTS``)."""
+    def run() -> object:
+        chunk_elements = chunks.CPU_CHUNK_ELEMENTS
+        chunks.CPU_CHUNK_ELEMENTS = 1 << 62
+        try:
+            return step()
+        finally:
+            chunks.CPU_CHUNK_ELEMENTS = chunk_elements
+    return run
 
 
 def layer_step(config: PeftConfig, d: int, tokens: int,

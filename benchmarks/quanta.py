@@ -6,7 +6,7 @@ AdamW. Methods: peft LoRA r=8; QuanTA at its default factors and at LoRA r=8's p
 ``torch.einsum`` per gate on the reshaped activation, in the official gate order, with −M(θ₀) folded into a
 copy of W₀ once (as the official code folds it into W at the first forward), autograd saving every gate
 input; and QuanTA's default once more with each pass run whole instead of in cache-sized token chunks
-(``hirank.ops.quanta.CPU_CHUNK_ELEMENTS``; column "whole ÷ this"). Timing: interleaved rounds (each method once
+(``hirank.ops.chunks.CPU_CHUNK_ELEMENTS``; column "whole ÷ this"). Timing: interleaved rounds (each method once
 per round, thread CPU time), median and spread (min–max) of the per-round ratio to LoRA. Memory: bytes autograd
 saves for backward during one forward (saved-tensor hooks, each storage once), deterministic.
 
@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import hirank  # noqa: E402
 from common import (  # noqa: E402
     argument_parser, interleaved_seconds, parse_args, print_table, saved_activation_bytes, tensor_step,
+    whole_passes,
 )
 from hirank.analysis import match_budget, trainable_parameters  # noqa: E402
-from hirank.ops import quanta as quanta_ops  # noqa: E402
 from hirank.ops.quanta import QuantaCircuit, gate_pairs  # noqa: E402
 
 TARGETS = ["0", "2", "4", "6"]
@@ -74,18 +74,6 @@ def einsum_model(quanta_model: nn.Module, d: int) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(isinstance(p, nn.Parameter) and p.dim() == 4)
     return model
-
-
-def whole_passes(step):
-    """``step`` with every circuit pass run over all tokens at once (no cache-sized token chunks)."""
-    def run():
-        chunk_elements = quanta_ops.CPU_CHUNK_ELEMENTS
-        quanta_ops.CPU_CHUNK_ELEMENTS = 1 << 62
-        try:
-            return step()
-        finally:
-            quanta_ops.CPU_CHUNK_ELEMENTS = chunk_elements
-    return run
 
 
 def compare(d: int, tokens: int, rounds: int) -> list[dict[str, object]]:

@@ -9,7 +9,9 @@
    step time and activation memory ÷ peft LoRA r=8 on the same layers, each structure at its default size and
    LDR at LoRA r=8's budget (2·r·d = 16·d parameters per layer: r = 8). Times are medians of interleaved
    rounds (spread: min–max ÷ the median LoRA step); memory is the bytes saved for backward (unique storages,
-   parameters excluded), counted with ``torch.autograd.graph.saved_tensors_hooks``: deterministic.
+   parameters excluded), counted with ``torch.autograd.graph.saved_tensors_hooks``: deterministic. The Toeplitz
+   and LDR rows are timed once more with each product run over all tokens at once instead of in cache-sized chunks
+   (``hirank.ops.chunks.CPU_CHUNK_ELEMENTS``; column "whole ÷ this": > 1 where the chunks pay).
 
     .venv/bin/python benchmarks/surm.py [--threads N] [--dims 384 768] [--rounds 8] [--skip-model]
     .venv/bin/python benchmarks/surm.py --mlp --dims 1024 2048 4096 --token-counts 512 4096 --rounds 5
@@ -38,7 +40,7 @@ import hirank  # noqa: E402
 from common import (  # noqa: E402
     DEVICE, LinearStack, adapted, argument_parser, batch, best_seconds, clock, dense_delta_forward, layer_step,
     parse_args,
-    interleaved_seconds, print_table, saved_activation_bytes, tensor_step, train_step,
+    interleaved_seconds, print_table, saved_activation_bytes, tensor_step, train_step, whole_passes,
 )
 from hirank.ops import structured  # noqa: E402
 from hirank.tuners.surm.layer import SurmLayer  # noqa: E402
@@ -173,15 +175,21 @@ def mlp_table(dims: list[int], token_counts: list[int], rounds: int) -> list[dic
                 torch.manual_seed(0)
                 models[name] = get_peft_model(LinearStack(d), config).to(DEVICE)
             memory = {name: saved_activation_bytes(lambda m=model: m(x).square().mean(), model) for name, model in models.items()}
-            times = interleaved_seconds({name: tensor_step(model, x) for name, model in models.items()}, rounds, warmup=1)
+            steps = {name: tensor_step(model, x) for name, model in models.items()}
+            steps |= {f"{name}, whole passes": whole_passes(tensor_step(model, x))
+                      for name, model in models.items() if "ldr" in name or "toeplitz" in name}
+            times = interleaved_seconds(steps, rounds, warmup=1)
             lora = statistics.median(times["peft lora r=8"])
             for name in models:
                 median = statistics.median(times[name])
+                whole = [a / b for a, b in zip(times.get(f"{name}, whole passes", []), times[name])]
                 rows.append({
                     "d": d, "tokens": tokens, "method": name,
                     "step ms": f"{1e3 * median:.1f}",
                     "step ÷ LoRA": f"{median / lora:.2f}",
                     "spread": f"{min(times[name]) / lora:.2f}–{max(times[name]) / lora:.2f}",
+                    "whole ÷ this": f"{statistics.median(whole):.2f} ({min(whole):.2f}–{max(whole):.2f})"
+                                    if whole else "-",
                     "saved MiB": f"{memory[name] / 2**20:.1f}",
                     "memory ÷ LoRA": f"{memory[name] / memory['peft lora r=8']:.2f}",
                 })

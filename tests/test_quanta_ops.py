@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import hirank
 from hirank.analysis import delta_weights, effective_rank, trainable_parameters
-from hirank.ops import quanta as quanta_ops
+from hirank.ops import chunks
 from hirank.ops.quanta import QuantaCircuit, _backward_chunk, balanced_factorization, gate_pairs, plan_circuit
 
 torch.set_default_dtype(torch.float32)
@@ -203,14 +203,14 @@ def test_each_gate_is_one_gemm_and_the_state_is_copied_only_at_the_ends(factors)
 
 
 def test_passes_in_cache_sized_token_chunks_give_the_whole_pass_outputs_and_exact_gradients(monkeypatch):
-    """On CPU a pass runs in chunks of tokens (``CPU_CHUNK_ELEMENTS`` of state each): the whole pass's outputs (to
+    """On CPU a pass runs in chunks of tokens (``chunks.CPU_CHUNK_ELEMENTS`` of state each): the whole pass's outputs (to
     rounding: BLAS blocks a product by its width) and gradients that finite differences confirm."""
     circuit = QuantaCircuit((4, 4, 2, 2), (4, 4, 4, 3))
     gates = random_gates(circuit).requires_grad_()
     frozen = random_gates(circuit, seed=1)
     x = torch.randn(7, circuit.in_size, dtype=torch.float64, requires_grad=True)
     whole = circuit.apply_difference(x, gates, frozen)
-    monkeypatch.setattr(quanta_ops, "CPU_CHUNK_ELEMENTS", 2 * circuit.out_size)  # 4 chunks: 2+2+2+1 tokens
+    monkeypatch.setattr(chunks, "CPU_CHUNK_ELEMENTS", 2 * circuit.out_size)  # 4 chunks: 2+2+2+1 tokens
     with _CountOps() as forward:
         chunked = circuit.apply_difference(x, gates, frozen)
     assert forward.gemms == 2 * len(circuit.steps) * 4

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .chunks import cache_chunk
+
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -337,19 +339,10 @@ def _backward_chunk(tokens: int, n_gates: int) -> int:
     return max(1, -(-tokens // max(1, n_gates - 1)))
 
 
-#: On CPU a pass runs in chunks of tokens whose state (tokens × width) holds about this many elements (1 MiB in
-#: float32), so the state stays in cache through all the gates: with whole passes a training step at d = 4096 with
-#: 4,096 tokens took 1.19× as long (``benchmarks/quanta.py``, one thread); where the state fits, no change. Chunks
-#: of 4 MiB gained less, of 512 KiB about as much (adapter forward + backward alone).
-CPU_CHUNK_ELEMENTS = 1 << 18
-
-
 def _cache_chunk(circuit: QuantaCircuit, tokens: int, device: torch.device) -> int:
-    """Tokens per chunk of a pass: all of them on accelerators and under torch.compile, else ``CPU_CHUNK_ELEMENTS``
-    worth of the circuit's widest state."""
-    if device.type != "cpu" or torch.compiler.is_compiling():
-        return max(1, tokens)
-    return max(1, min(tokens, CPU_CHUNK_ELEMENTS // max(circuit.in_size, circuit.out_size)))
+    """Tokens per chunk of a pass (:func:`chunks.cache_chunk` of the circuit's widest state): with whole passes
+    a training step at d = 4096 with 4,096 tokens took 1.19× as long on CPU; where the state fits, no change."""
+    return cache_chunk(tokens, max(circuit.in_size, circuit.out_size), device)
 
 
 def _unless_equal(trained: torch.Tensor, frozen: torch.Tensor, same: torch.Tensor) -> torch.Tensor:

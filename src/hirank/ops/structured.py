@@ -19,7 +19,8 @@ the circulant its spectrum rfft(x), LDR its skew spectrum (both N real numbers p
 transform x again), Toeplitz x itself (it needs two spectra of x); the backward of a circulant product is the
 circulant product with the conjugate spectrum. So the activation memory is LoRA's. Every row of x is
 transformed on its own: no sample ever shares an FFT with another one (a NaN or a huge value stays in its own
-sample).
+sample). On CPU the Toeplitz and LDR products run over cache-sized chunks of rows (:mod:`.chunks`), so their
+many passes over each row's spectra stay in cache.
 
 Fast product or dense S, per layer and step (:func:`fast_product_is_cheaper`, the cost model written out at the
 end of this module): both cost time linear in the tokens; the fast product ≈ (transforms per row) × N·log₂N
@@ -36,6 +37,8 @@ from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from .chunks import cache_chunk
 
 # ---- helpers ------------------------------------------------------------------------------------
 
@@ -170,18 +173,26 @@ class _CirculantPlusSkewProduct(torch.autograd.Function):
     """(Circ(c) + SkewCirc(s))[:m, :n]·x with two size-N diagonalizations of x; saves c, s and x.
 
     Per row 4 transforms forward (rfft and skew spectrum of x, their inverses), 6 backward (the same of the
-    gradient, and x's two spectra recomputed): each about a third of a length-2N rfft's time.
+    gradient, and x's two spectra recomputed): each about a third of a length-2N rfft's time. Both passes run
+    over cache-sized chunks of rows (:func:`chunks.cache_chunk`); the generators' gradients are summed over chunks
+    in the frequency domain.
     """
 
     @staticmethod
     def forward(ctx: Any, c: torch.Tensor, s: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
         size, dtype = c.shape[-1], _compute_dtype(c, s, x)
         rows = _rows(x, size, dtype)  # (T, N)
-        product = torch.fft.irfft(torch.fft.rfft(rows).mul_(torch.fft.rfft(c.to(dtype))), n=size)
-        product += skew_inverse(skew_spectrum(rows).mul_(skew_spectrum(s.to(dtype))), size)
+        c_spectrum, s_skew = torch.fft.rfft(c.to(dtype)), skew_spectrum(s.to(dtype))
+        product = x.new_empty(rows.shape[0], out_features)
+        chunk = cache_chunk(rows.shape[0], size, x.device)
+        for start in range(0, rows.shape[0], chunk):
+            part = rows[start: start + chunk]
+            part_product = torch.fft.irfft(torch.fft.rfft(part).mul_(c_spectrum), n=size)
+            part_product += skew_inverse(skew_spectrum(part).mul_(s_skew), size)
+            product[start: start + chunk] = part_product[:, :out_features]
         ctx.save_for_backward(c, s, x if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return product[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype)
+        return product.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
     @once_differentiable
@@ -190,19 +201,27 @@ class _CirculantPlusSkewProduct(torch.autograd.Function):
         size, dtype = c.shape[-1], _compute_dtype(c, s, grad_y)
         need_c, need_s, need_x = ctx.needs_input_grad[:3]
         grad_rows = _rows(grad_y, size, dtype)  # (T, N), zero-padded
-        grad_spectrum, grad_skew = torch.fft.rfft(grad_rows), skew_spectrum(grad_rows)
-        grad_c = grad_s = grad_x = None
-        if need_c or need_s:
-            rows = _rows(x, size, dtype)
-        if need_c:  # Circ(c)·x = Circ(x)·c
-            grad_c = torch.fft.irfft(_spectral_row_sum(torch.fft.rfft(rows), grad_spectrum), n=size).to(c.dtype)
-        if need_s:  # SkewCirc(s)·x = SkewCirc(x)·s
-            grad_s = skew_inverse(_spectral_row_sum(skew_spectrum(rows), grad_skew), size).to(s.dtype)
-        if need_x:  # the transposes: conjugate spectra (in place: their last use)
-            grad_x_rows = torch.fft.irfft(grad_spectrum.mul_(torch.fft.rfft(c.to(dtype)).conj()), n=size)
-            grad_x_rows += skew_inverse(grad_skew.mul_(skew_spectrum(s.to(dtype)).conj()), size)
-            grad_x = grad_x_rows[:, :ctx.x_shape[-1]].reshape(ctx.x_shape).to(ctx.x_dtype)
-        return grad_c, grad_s, grad_x, None
+        rows = _rows(x, size, dtype) if need_c or need_s else None
+        c_spectrum, s_skew = torch.fft.rfft(c.to(dtype)), skew_spectrum(s.to(dtype))
+        # the generators' gradients, in the frequency domain until the end (the inverses are linear)
+        grad_c_spectrum = torch.zeros_like(c_spectrum) if need_c else None
+        grad_s_skew = torch.zeros_like(s_skew) if need_s else None
+        grad_x = grad_y.new_empty(grad_rows.shape[0], ctx.x_shape[-1], dtype=ctx.x_dtype) if need_x else None
+        chunk = cache_chunk(grad_rows.shape[0], size, grad_y.device)
+        for start in range(0, grad_rows.shape[0], chunk):
+            grad_part = grad_rows[start: start + chunk]
+            grad_spectrum, grad_skew = torch.fft.rfft(grad_part), skew_spectrum(grad_part)
+            if need_c:  # Circ(c)·x = Circ(x)·c
+                grad_c_spectrum += _spectral_row_sum(torch.fft.rfft(rows[start: start + chunk]), grad_spectrum)
+            if need_s:  # SkewCirc(s)·x = SkewCirc(x)·s
+                grad_s_skew += _spectral_row_sum(skew_spectrum(rows[start: start + chunk]), grad_skew)
+            if need_x:  # the transposes: conjugate spectra (in place: their last use)
+                grad_x_part = torch.fft.irfft(grad_spectrum.mul_(c_spectrum.conj()), n=size)
+                grad_x_part += skew_inverse(grad_skew.mul_(s_skew.conj()), size)
+                grad_x[start: start + chunk] = grad_x_part[:, :ctx.x_shape[-1]]
+        grad_c = torch.fft.irfft(grad_c_spectrum, n=size).to(c.dtype) if need_c else None
+        grad_s = skew_inverse(grad_s_skew, size).to(s.dtype) if need_s else None
+        return grad_c, grad_s, None if grad_x is None else grad_x.reshape(ctx.x_shape), None
 
 
 def toeplitz_matvec(t: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -308,21 +327,32 @@ class _LdrProduct(torch.autograd.Function):
     The skew spectrum of x is shared by the r terms and the r circulant spectra are summed before one inverse
     rfft. Saves G, H and, when G or H needs a gradient, x's skew spectrum (N real numbers per row: x's size)
     instead of x. Per row: 2 + 2r transforms forward, 2 + 4r backward (the r terms' circulant spectra are
-    recomputed for G's gradient rather than saved: that would cost r times x's memory).
+    recomputed for G's gradient rather than saved: that would cost r times x's memory). Both passes run over
+    cache-sized chunks of rows (:func:`chunks.cache_chunk`), all r terms per chunk, so the 2r intermediate
+    spectra of a chunk stay in cache; the generators' gradients are summed over chunks in the frequency domain.
     """
 
     @staticmethod
     def forward(ctx: Any, g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
         size, dtype = g.shape[-1], _compute_dtype(g, h, x)
-        x_skew = skew_spectrum(_rows(x, size, dtype))  # (T, M)
+        rows = _rows(x, size, dtype)  # (T, N)
         h_skew, g_spectrum = skew_spectrum(h.to(dtype)), torch.fft.rfft(g.to(dtype))  # (r, M), (r, N/2+1)
-        total = torch.zeros(x_skew.shape[0], size // 2 + 1, dtype=g_spectrum.dtype, device=x.device)
-        for h_k, g_k in zip(h_skew, g_spectrum):  # one term at a time: temporaries stay (T, N)
-            total.addcmul_(torch.fft.rfft(skew_inverse(x_skew * h_k, size)), g_k)  # of Circ(g_k)·SkewCirc(h_k)·x
-        ctx.save_for_backward(g, h, x_skew if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None)
+        save = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        x_skew = torch.empty(rows.shape[0], h_skew.shape[-1], dtype=h_skew.dtype, device=x.device) if save else None
+        product = x.new_empty(rows.shape[0], out_features)
+        chunk = cache_chunk(rows.shape[0], size, x.device)
+        for start in range(0, rows.shape[0], chunk):
+            part_skew = skew_spectrum(rows[start: start + chunk])  # (t, M)
+            if save:
+                x_skew[start: start + chunk] = part_skew
+            total = None  # Σ_k of the spectra of Circ(g_k)·SkewCirc(h_k)·x, (t, N/2+1)
+            for h_k, g_k in zip(h_skew, g_spectrum):
+                term = torch.fft.rfft(skew_inverse(part_skew * h_k, size))
+                total = term.mul_(g_k) if total is None else total.addcmul_(term, g_k)
+            product[start: start + chunk] = torch.fft.irfft(total, n=size)[:, :out_features]
+        ctx.save_for_backward(g, h, x_skew)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        product = torch.fft.irfft(total, n=size)[:, :out_features]
-        return product.reshape(*x.shape[:-1], out_features).to(x.dtype)
+        return product.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
     @once_differentiable
@@ -330,26 +360,33 @@ class _LdrProduct(torch.autograd.Function):
         g, h, x_skew = ctx.saved_tensors
         size, dtype = g.shape[-1], _compute_dtype(g, h, grad_y)
         need_g, need_h, need_x = ctx.needs_input_grad[:3]
-        grad_spectrum = torch.fft.rfft(_rows(grad_y, size, dtype))  # (T, N/2+1)
+        grad_rows = _rows(grad_y, size, dtype)  # (T, N), zero-padded
         h_skew, g_spectrum = skew_spectrum(h.to(dtype)), torch.fft.rfft(g.to(dtype))
-        grad_g = torch.zeros_like(g, dtype=dtype) if need_g else None
-        grad_h = torch.zeros_like(h, dtype=dtype) if need_h else None
-        grad_x_skew = torch.zeros(grad_spectrum.shape[0], h_skew.shape[-1], dtype=h_skew.dtype,
-                                  device=grad_y.device) if need_x else None
-        for k, (h_k, g_k) in enumerate(zip(h_skew, g_spectrum)):
-            if need_h or need_x:  # the transposes: conjugate spectra, Circ(g_k)ᵀ·grad then SkewCirc(h_k)ᵀ
-                back_skew = skew_spectrum(torch.fft.irfft(g_k.conj() * grad_spectrum, n=size))  # (T, M)
-                if need_x:
-                    grad_x_skew.addcmul_(back_skew, h_k.conj())
-                if need_h:  # SkewCirc(h)·x = SkewCirc(x)·h
-                    grad_h[k] = skew_inverse(_spectral_row_sum(x_skew, back_skew), size)
-            if need_g:  # Circ(g)·u = Circ(u)·g with u = SkewCirc(h_k)·x, recomputed
-                term = torch.fft.rfft(skew_inverse(x_skew * h_k, size))
-                grad_g[k] = torch.fft.irfft(_spectral_row_sum(term, grad_spectrum), n=size)
-        grad_x = None
-        if need_x:
-            grad_x = skew_inverse(grad_x_skew, size)[:, :ctx.x_shape[-1]].reshape(ctx.x_shape).to(ctx.x_dtype)
-        return (grad_g.to(g.dtype) if need_g else None, grad_h.to(h.dtype) if need_h else None, grad_x, None)
+        # the generators' gradients, in the frequency domain until the end (the inverses are linear)
+        grad_h_skew = torch.zeros_like(h_skew) if need_h else None
+        grad_g_spectrum = torch.zeros_like(g_spectrum) if need_g else None
+        grad_x = grad_y.new_empty(grad_rows.shape[0], ctx.x_shape[-1], dtype=ctx.x_dtype) if need_x else None
+        chunk = cache_chunk(grad_rows.shape[0], size, grad_y.device)
+        for start in range(0, grad_rows.shape[0], chunk):
+            grad_spectrum = torch.fft.rfft(grad_rows[start: start + chunk])  # (t, N/2+1)
+            part_skew = None if x_skew is None else x_skew[start: start + chunk]
+            grad_x_skew = None  # Σ_k SkewCirc(h_k)ᵀ·Circ(g_k)ᵀ·grad in the skew domain, (t, M)
+            for k, (h_k, g_k) in enumerate(zip(h_skew, g_spectrum)):
+                if need_h or need_x:  # the transposes: conjugate spectra, Circ(g_k)ᵀ·grad then SkewCirc(h_k)ᵀ
+                    back_skew = skew_spectrum(torch.fft.irfft(g_k.conj() * grad_spectrum, n=size))  # (t, M)
+                    if need_h:  # SkewCirc(h)·x = SkewCirc(x)·h
+                        grad_h_skew[k] += _spectral_row_sum(part_skew, back_skew)
+                    if need_x:
+                        grad_x_skew = (back_skew.mul_(h_k.conj()) if grad_x_skew is None
+                                       else grad_x_skew.addcmul_(back_skew, h_k.conj()))
+                if need_g:  # Circ(g)·u = Circ(u)·g with u = SkewCirc(h_k)·x, recomputed
+                    term = torch.fft.rfft(skew_inverse(part_skew * h_k, size))
+                    grad_g_spectrum[k] += _spectral_row_sum(term, grad_spectrum)
+            if need_x:
+                grad_x[start: start + chunk] = skew_inverse(grad_x_skew, size)[:, :ctx.x_shape[-1]]
+        grad_g = torch.fft.irfft(grad_g_spectrum, n=size).to(g.dtype) if need_g else None
+        grad_h = skew_inverse(grad_h_skew, size).to(h.dtype) if need_h else None
+        return grad_g, grad_h, None if grad_x is None else grad_x.reshape(ctx.x_shape), None
 
 
 def ldr_matvec(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
