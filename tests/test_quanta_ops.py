@@ -203,8 +203,8 @@ def test_each_gate_is_one_gemm_and_the_state_is_copied_only_at_the_ends(factors)
 
 
 def test_passes_in_cache_sized_token_chunks_give_the_whole_pass_outputs_and_exact_gradients(monkeypatch):
-    """On CPU a pass runs in chunks of tokens (``chunks.CPU_CHUNK_ELEMENTS`` of state each): the whole pass's outputs (to
-    rounding: BLAS blocks a product by its width) and gradients that finite differences confirm."""
+    """On CPU a pass runs in chunks of tokens (``chunks.CPU_CHUNK_ELEMENTS`` of state each): the whole pass's
+    outputs (to rounding: BLAS blocks a product by its width) and gradients that finite differences confirm."""
     circuit = QuantaCircuit((4, 4, 2, 2), (4, 4, 4, 3))
     gates = random_gates(circuit).requires_grad_()
     frozen = random_gates(circuit, seed=1)
