@@ -23,10 +23,10 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from hirank.analysis import trainable_parameters
 from hirank.bench import timing
-from hirank.ops import chunks
 from hirank.bench.timing import (  # noqa: F401  (re-exported: the benchmarks import them from here)
     saved_activation_bytes, shared_copy, tensor_step, train_step,
 )
+from hirank.ops import chunks
 
 DEVICE = torch.device(os.environ.get("HIRANK_BENCH_DEVICE", "cpu"))
 
@@ -163,8 +163,8 @@ def dense_delta_forward(layer_cls: type[nn.Module], dropout_attr: str) -> Iterat
 
 
 def whole_passes(step: Callable[[], object]) -> Callable[[], object]:
-    """``step`` with every chunked pass (QuanTA's circuit, SURM LDR's product) run over all tokens at once instead
-    of in cache-sized chunks (``hirank.ops.chunks.CPU_CHUNK_ELEMENTS``)."""
+    """``step`` with every chunked pass (QuanTA's circuit, SURM's Toeplitz and LDR products) run over all tokens at
+    once instead of in cache-sized chunks (``hirank.ops.chunks.CPU_CHUNK_ELEMENTS``)."""
     def run() -> object:
         chunk_elements = chunks.CPU_CHUNK_ELEMENTS
         chunks.CPU_CHUNK_ELEMENTS = 1 << 62

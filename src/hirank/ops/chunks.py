@@ -1,11 +1,13 @@
-"""Token chunks sized to the CPU cache, for the products that stream a state of many tokens through many small
-steps (QuanTA's gates, SURM LDR's displacement terms): each chunk stays in cache from its first step to its last.
+"""Token chunks sized to the CPU cache, for the products that stream the rows of many tokens through many small
+steps (QuanTA's gates, SURM's Toeplitz and LDR transforms): each chunk stays in cache from its first step to its
+last.
 
-On one CPU thread, chunks of about 256 Ki elements (1 MiB in float32) were best or as good as any for both:
-QuanTA at d = 4096 with 4,096 tokens 1.19× faster than whole passes, SURM LDR r = 8 with 512 tokens 1.2–1.3×
-faster at d = 2048 and 4096 (``benchmarks/quanta.py``, ``benchmarks/surm.py --chunks``); 4 MiB chunks gained
-less, 256 KiB ones lost to the per-chunk overhead. On accelerators, and while torch.compile traces (a loop
-would unroll into the graph), a pass takes all tokens at once.
+On one CPU thread, chunks of about 256 Ki elements (1 MiB in float32) were best or as good as any for both. A
+training step with whole passes took 1.19× as long for QuanTA at d = 4096 with 4,096 tokens
+(``benchmarks/quanta.py``) and 1.30× for SURM LDR r = 1 there (``benchmarks/surm.py --mlp``); the LDR r = 8
+product alone ran 1.2–1.3× faster in chunks at d = 2048 and 4096 with 512 tokens. Smaller chunks (256 KiB) lost
+to the per-chunk overhead, larger ones (2–4 MiB) gained less. On accelerators, and while torch.compile traces (a
+loop would unroll into the graph), a pass takes all tokens at once.
 """
 
 from __future__ import annotations
