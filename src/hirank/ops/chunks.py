@@ -6,7 +6,9 @@ On one CPU thread, chunks of about 256 Ki elements (1 MiB in float32) were best 
 training step with whole passes took 1.19× as long for QuanTA at d = 4096 with 4,096 tokens
 (``benchmarks/quanta.py``) and 1.30× for SURM LDR r = 1 there (``benchmarks/surm.py --mlp``); the LDR r = 8
 product alone ran 1.2–1.3× faster in chunks at d = 2048 and 4096 with 512 tokens. Smaller chunks (256 KiB) lost
-to the per-chunk overhead, larger ones (2–4 MiB) gained less. On accelerators, and while torch.compile traces (a
+to the per-chunk overhead, larger ones (2–4 MiB) gained less. With two threads the chunks still paid for QuanTA
+(1.09× at d = 2048 with 2,048 tokens, 1.22× at d = 4096 with 4,096) and were neutral for SURM with 512 tokens
+(0.95–1.03×). On accelerators, and while torch.compile traces (a
 loop would unroll into the graph), a pass takes all tokens at once.
 """
 
