@@ -8,8 +8,8 @@ training step with whole passes took 1.19× as long for QuanTA at d = 4096 with 
 product alone ran 1.2–1.3× faster in chunks at d = 2048 and 4096 with 512 tokens. Smaller chunks (256 KiB) lost
 to the per-chunk overhead, larger ones (2–4 MiB) gained less. With two threads the chunks still paid for QuanTA
 (1.09× at d = 2048 with 2,048 tokens, 1.22× at d = 4096 with 4,096) and were neutral for SURM with 512 tokens
-(0.95–1.03×). On accelerators, and while torch.compile traces (a
-loop would unroll into the graph), a pass takes all tokens at once.
+(0.95–1.03×). On accelerators, and while torch.compile traces (a loop would unroll into the graph), a pass takes
+all tokens at once.
 """
 
 from __future__ import annotations
@@ -20,9 +20,13 @@ import torch
 CPU_CHUNK_ELEMENTS = 1 << 18
 
 
-def cache_chunk(tokens: int, width: int, device: torch.device) -> int:
-    """Tokens per chunk of a pass over ``tokens`` rows of ``width`` values: all of them on accelerators and under
-    torch.compile, else ``CPU_CHUNK_ELEMENTS`` worth."""
+def token_chunks(tokens: int, width: int, device: torch.device, at_most: int | None = None) -> list[slice]:
+    """Slices of ``tokens`` rows of ``width`` values, in order: one slice of all of them on accelerators and under
+    torch.compile, else ``CPU_CHUNK_ELEMENTS`` worth each (and at most ``at_most`` rows each)."""
     if device.type != "cpu" or torch.compiler.is_compiling():
-        return max(1, tokens)
-    return max(1, min(tokens, CPU_CHUNK_ELEMENTS // max(1, width)))
+        size = max(1, tokens)
+    else:
+        size = max(1, min(tokens, CPU_CHUNK_ELEMENTS // max(1, width)))
+    if at_most is not None:
+        size = max(1, min(size, at_most))
+    return [slice(start, start + size) for start in range(0, tokens, size)]

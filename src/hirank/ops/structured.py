@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from .chunks import cache_chunk
+from .chunks import token_chunks
 
 # ---- helpers ------------------------------------------------------------------------------------
 
@@ -174,7 +174,7 @@ class _CirculantPlusSkewProduct(torch.autograd.Function):
 
     Per row 4 transforms forward (rfft and skew spectrum of x, their inverses), 6 backward (the same of the
     gradient, and x's two spectra recomputed): each about a third of a length-2N rfft's time. Both passes run
-    over cache-sized chunks of rows (:func:`chunks.cache_chunk`); the generators' gradients are summed over chunks
+    over cache-sized chunks of rows (:func:`chunks.token_chunks`); the generators' gradients are summed over chunks
     in the frequency domain.
     """
 
@@ -184,12 +184,10 @@ class _CirculantPlusSkewProduct(torch.autograd.Function):
         rows = _rows(x, size, dtype)  # (T, N)
         c_spectrum, s_skew = torch.fft.rfft(c.to(dtype)), skew_spectrum(s.to(dtype))
         product = x.new_empty(rows.shape[0], out_features)
-        chunk = cache_chunk(rows.shape[0], size, x.device)
-        for start in range(0, rows.shape[0], chunk):
-            part = rows[start: start + chunk]
-            part_product = torch.fft.irfft(torch.fft.rfft(part).mul_(c_spectrum), n=size)
-            part_product += skew_inverse(skew_spectrum(part).mul_(s_skew), size)
-            product[start: start + chunk] = part_product[:, :out_features]
+        for part in token_chunks(rows.shape[0], size, x.device):
+            part_product = torch.fft.irfft(torch.fft.rfft(rows[part]).mul_(c_spectrum), n=size)
+            part_product += skew_inverse(skew_spectrum(rows[part]).mul_(s_skew), size)
+            product[part] = part_product[:, :out_features]
         ctx.save_for_backward(c, s, x if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return product.reshape(*x.shape[:-1], out_features)
@@ -207,18 +205,16 @@ class _CirculantPlusSkewProduct(torch.autograd.Function):
         grad_c_spectrum = torch.zeros_like(c_spectrum) if need_c else None
         grad_s_skew = torch.zeros_like(s_skew) if need_s else None
         grad_x = grad_y.new_empty(grad_rows.shape[0], ctx.x_shape[-1], dtype=ctx.x_dtype) if need_x else None
-        chunk = cache_chunk(grad_rows.shape[0], size, grad_y.device)
-        for start in range(0, grad_rows.shape[0], chunk):
-            grad_part = grad_rows[start: start + chunk]
-            grad_spectrum, grad_skew = torch.fft.rfft(grad_part), skew_spectrum(grad_part)
+        for part in token_chunks(grad_rows.shape[0], size, grad_y.device):
+            grad_spectrum, grad_skew = torch.fft.rfft(grad_rows[part]), skew_spectrum(grad_rows[part])
             if need_c:  # Circ(c)·x = Circ(x)·c
-                grad_c_spectrum += _spectral_row_sum(torch.fft.rfft(rows[start: start + chunk]), grad_spectrum)
+                grad_c_spectrum += _spectral_row_sum(torch.fft.rfft(rows[part]), grad_spectrum)
             if need_s:  # SkewCirc(s)·x = SkewCirc(x)·s
-                grad_s_skew += _spectral_row_sum(skew_spectrum(rows[start: start + chunk]), grad_skew)
+                grad_s_skew += _spectral_row_sum(skew_spectrum(rows[part]), grad_skew)
             if need_x:  # the transposes: conjugate spectra (in place: their last use)
                 grad_x_part = torch.fft.irfft(grad_spectrum.mul_(c_spectrum.conj()), n=size)
                 grad_x_part += skew_inverse(grad_skew.mul_(s_skew.conj()), size)
-                grad_x[start: start + chunk] = grad_x_part[:, :ctx.x_shape[-1]]
+                grad_x[part] = grad_x_part[:, :ctx.x_shape[-1]]
         grad_c = torch.fft.irfft(grad_c_spectrum, n=size).to(c.dtype) if need_c else None
         grad_s = skew_inverse(grad_s_skew, size).to(s.dtype) if need_s else None
         return grad_c, grad_s, None if grad_x is None else grad_x.reshape(ctx.x_shape), None
@@ -328,7 +324,7 @@ class _LdrProduct(torch.autograd.Function):
     rfft. Saves G, H and, when G or H needs a gradient, x's skew spectrum (N real numbers per row: x's size)
     instead of x. Per row: 2 + 2r transforms forward, 2 + 4r backward (the r terms' circulant spectra are
     recomputed for G's gradient rather than saved: that would cost r times x's memory). Both passes run over
-    cache-sized chunks of rows (:func:`chunks.cache_chunk`), all r terms per chunk, so the 2r intermediate
+    cache-sized chunks of rows (:func:`chunks.token_chunks`), all r terms per chunk, so the 2r intermediate
     spectra of a chunk stay in cache; the generators' gradients are summed over chunks in the frequency domain.
     """
 
@@ -340,16 +336,15 @@ class _LdrProduct(torch.autograd.Function):
         save = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         x_skew = torch.empty(rows.shape[0], h_skew.shape[-1], dtype=h_skew.dtype, device=x.device) if save else None
         product = x.new_empty(rows.shape[0], out_features)
-        chunk = cache_chunk(rows.shape[0], size, x.device)
-        for start in range(0, rows.shape[0], chunk):
-            part_skew = skew_spectrum(rows[start: start + chunk])  # (t, M)
+        for part in token_chunks(rows.shape[0], size, x.device):
+            part_skew = skew_spectrum(rows[part])  # (t, M)
             if save:
-                x_skew[start: start + chunk] = part_skew
+                x_skew[part] = part_skew
             total = None  # Σ_k of the spectra of Circ(g_k)·SkewCirc(h_k)·x, (t, N/2+1)
             for h_k, g_k in zip(h_skew, g_spectrum):
                 term = torch.fft.rfft(skew_inverse(part_skew * h_k, size))
                 total = term.mul_(g_k) if total is None else total.addcmul_(term, g_k)
-            product[start: start + chunk] = torch.fft.irfft(total, n=size)[:, :out_features]
+            product[part] = torch.fft.irfft(total, n=size)[:, :out_features]
         ctx.save_for_backward(g, h, x_skew)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return product.reshape(*x.shape[:-1], out_features)
@@ -366,10 +361,9 @@ class _LdrProduct(torch.autograd.Function):
         grad_h_skew = torch.zeros_like(h_skew) if need_h else None
         grad_g_spectrum = torch.zeros_like(g_spectrum) if need_g else None
         grad_x = grad_y.new_empty(grad_rows.shape[0], ctx.x_shape[-1], dtype=ctx.x_dtype) if need_x else None
-        chunk = cache_chunk(grad_rows.shape[0], size, grad_y.device)
-        for start in range(0, grad_rows.shape[0], chunk):
-            grad_spectrum = torch.fft.rfft(grad_rows[start: start + chunk])  # (t, N/2+1)
-            part_skew = None if x_skew is None else x_skew[start: start + chunk]
+        for part in token_chunks(grad_rows.shape[0], size, grad_y.device):
+            grad_spectrum = torch.fft.rfft(grad_rows[part])  # (t, N/2+1)
+            part_skew = None if x_skew is None else x_skew[part]
             grad_x_skew = None  # Σ_k SkewCirc(h_k)ᵀ·Circ(g_k)ᵀ·grad in the skew domain, (t, M)
             for k, (h_k, g_k) in enumerate(zip(h_skew, g_spectrum)):
                 if need_h or need_x:  # the transposes: conjugate spectra, Circ(g_k)ᵀ·grad then SkewCirc(h_k)ᵀ
@@ -383,7 +377,7 @@ class _LdrProduct(torch.autograd.Function):
                     term = torch.fft.rfft(skew_inverse(part_skew * h_k, size))
                     grad_g_spectrum[k] += _spectral_row_sum(term, grad_spectrum)
             if need_x:
-                grad_x[start: start + chunk] = skew_inverse(grad_x_skew, size)[:, :ctx.x_shape[-1]]
+                grad_x[part] = skew_inverse(grad_x_skew, size)[:, :ctx.x_shape[-1]]
         grad_g = torch.fft.irfft(grad_g_spectrum, n=size).to(g.dtype) if need_g else None
         grad_h = skew_inverse(grad_h_skew, size).to(h.dtype) if need_h else None
         return grad_g, grad_h, None if grad_x is None else grad_x.reshape(ctx.x_shape), None
