@@ -181,12 +181,13 @@ class _CirculantPlusSkewProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, c: torch.Tensor, s: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
         size, dtype = c.shape[-1], _compute_dtype(c, s, x)
-        rows = _rows(x, size, dtype)  # (T, N)
+        flat = x.reshape(-1, x.shape[-1])  # (T, n)
         c_spectrum, s_skew = torch.fft.rfft(c.to(dtype)), skew_spectrum(s.to(dtype))
-        product = x.new_empty(rows.shape[0], out_features)
-        for part in token_chunks(rows.shape[0], size, x.device):
-            part_product = torch.fft.irfft(torch.fft.rfft(rows[part]).mul_(c_spectrum), n=size)
-            part_product += skew_inverse(skew_spectrum(rows[part]).mul_(s_skew), size)
+        product = x.new_empty(flat.shape[0], out_features)
+        for part in token_chunks(flat.shape[0], size, x.device):
+            rows = _rows(flat[part], size, dtype)  # (t, N): cast and padded chunk by chunk
+            part_product = torch.fft.irfft(torch.fft.rfft(rows).mul_(c_spectrum), n=size)
+            part_product += skew_inverse(skew_spectrum(rows).mul_(s_skew), size)
             product[part] = part_product[:, :out_features]
         ctx.save_for_backward(c, s, x if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -198,19 +199,21 @@ class _CirculantPlusSkewProduct(torch.autograd.Function):
         c, s, x = ctx.saved_tensors
         size, dtype = c.shape[-1], _compute_dtype(c, s, grad_y)
         need_c, need_s, need_x = ctx.needs_input_grad[:3]
-        grad_rows = _rows(grad_y, size, dtype)  # (T, N), zero-padded
-        rows = _rows(x, size, dtype) if need_c or need_s else None
+        grad_flat = grad_y.reshape(-1, grad_y.shape[-1])  # (T, m)
+        flat = x.reshape(-1, x.shape[-1]) if need_c or need_s else None  # (T, n)
         c_spectrum, s_skew = torch.fft.rfft(c.to(dtype)), skew_spectrum(s.to(dtype))
         # the generators' gradients, in the frequency domain until the end (the inverses are linear)
         grad_c_spectrum = torch.zeros_like(c_spectrum) if need_c else None
         grad_s_skew = torch.zeros_like(s_skew) if need_s else None
-        grad_x = grad_y.new_empty(grad_rows.shape[0], ctx.x_shape[-1], dtype=ctx.x_dtype) if need_x else None
-        for part in token_chunks(grad_rows.shape[0], size, grad_y.device):
-            grad_spectrum, grad_skew = torch.fft.rfft(grad_rows[part]), skew_spectrum(grad_rows[part])
+        grad_x = grad_y.new_empty(grad_flat.shape[0], ctx.x_shape[-1], dtype=ctx.x_dtype) if need_x else None
+        for part in token_chunks(grad_flat.shape[0], size, grad_y.device):
+            grad_rows = _rows(grad_flat[part], size, dtype)  # (t, N), zero-padded
+            grad_spectrum, grad_skew = torch.fft.rfft(grad_rows), skew_spectrum(grad_rows)
+            rows = _rows(flat[part], size, dtype) if need_c or need_s else None
             if need_c:  # Circ(c)·x = Circ(x)·c
-                grad_c_spectrum += _spectral_row_sum(torch.fft.rfft(rows[part]), grad_spectrum)
+                grad_c_spectrum += _spectral_row_sum(torch.fft.rfft(rows), grad_spectrum)
             if need_s:  # SkewCirc(s)·x = SkewCirc(x)·s
-                grad_s_skew += _spectral_row_sum(skew_spectrum(rows[part]), grad_skew)
+                grad_s_skew += _spectral_row_sum(skew_spectrum(rows), grad_skew)
             if need_x:  # the transposes: conjugate spectra (in place: their last use)
                 grad_x_part = torch.fft.irfft(grad_spectrum.mul_(c_spectrum.conj()), n=size)
                 grad_x_part += skew_inverse(grad_skew.mul_(s_skew.conj()), size)
@@ -331,13 +334,13 @@ class _LdrProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, g: torch.Tensor, h: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
         size, dtype = g.shape[-1], _compute_dtype(g, h, x)
-        rows = _rows(x, size, dtype)  # (T, N)
+        flat = x.reshape(-1, x.shape[-1])  # (T, n)
         h_skew, g_spectrum = skew_spectrum(h.to(dtype)), torch.fft.rfft(g.to(dtype))  # (r, M), (r, N/2+1)
         save = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        x_skew = torch.empty(rows.shape[0], h_skew.shape[-1], dtype=h_skew.dtype, device=x.device) if save else None
-        product = x.new_empty(rows.shape[0], out_features)
-        for part in token_chunks(rows.shape[0], size, x.device):
-            part_skew = skew_spectrum(rows[part])  # (t, M)
+        x_skew = torch.empty(flat.shape[0], h_skew.shape[-1], dtype=h_skew.dtype, device=x.device) if save else None
+        product = x.new_empty(flat.shape[0], out_features)
+        for part in token_chunks(flat.shape[0], size, x.device):
+            part_skew = skew_spectrum(_rows(flat[part], size, dtype))  # (t, M); cast and padded chunk by chunk
             if save:
                 x_skew[part] = part_skew
             total = None  # Σ_k of the spectra of Circ(g_k)·SkewCirc(h_k)·x, (t, N/2+1)
@@ -355,14 +358,14 @@ class _LdrProduct(torch.autograd.Function):
         g, h, x_skew = ctx.saved_tensors
         size, dtype = g.shape[-1], _compute_dtype(g, h, grad_y)
         need_g, need_h, need_x = ctx.needs_input_grad[:3]
-        grad_rows = _rows(grad_y, size, dtype)  # (T, N), zero-padded
+        grad_flat = grad_y.reshape(-1, grad_y.shape[-1])  # (T, m)
         h_skew, g_spectrum = skew_spectrum(h.to(dtype)), torch.fft.rfft(g.to(dtype))
         # the generators' gradients, in the frequency domain until the end (the inverses are linear)
         grad_h_skew = torch.zeros_like(h_skew) if need_h else None
         grad_g_spectrum = torch.zeros_like(g_spectrum) if need_g else None
-        grad_x = grad_y.new_empty(grad_rows.shape[0], ctx.x_shape[-1], dtype=ctx.x_dtype) if need_x else None
-        for part in token_chunks(grad_rows.shape[0], size, grad_y.device):
-            grad_spectrum = torch.fft.rfft(grad_rows[part])  # (t, N/2+1)
+        grad_x = grad_y.new_empty(grad_flat.shape[0], ctx.x_shape[-1], dtype=ctx.x_dtype) if need_x else None
+        for part in token_chunks(grad_flat.shape[0], size, grad_y.device):
+            grad_spectrum = torch.fft.rfft(_rows(grad_flat[part], size, dtype))  # (t, N/2+1), zero-padded
             part_skew = None if x_skew is None else x_skew[part]
             grad_x_skew = None  # Σ_k SkewCirc(h_k)ᵀ·Circ(g_k)ᵀ·grad in the skew domain, (t, M)
             for k, (h_k, g_k) in enumerate(zip(h_skew, g_spectrum)):
