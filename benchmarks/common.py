@@ -162,6 +162,12 @@ def dense_delta_forward(layer_cls: type[nn.Module], dropout_attr: str) -> Iterat
         layer_cls.adapter_output = original
 
 
+def round_ratios(seconds: list[float], reference: list[float]) -> str:
+    """``"median (min–max)"`` of the per-round ratios of two interleaved timings, round by round."""
+    per_round = [a / b for a, b in zip(seconds, reference)]
+    return f"{statistics.median(per_round):.2f} ({min(per_round):.2f}–{max(per_round):.2f})"
+
+
 def whole_passes(step: Callable[[], object]) -> Callable[[], object]:
     """``step`` with every chunked pass (QuanTA's circuit, SURM's Toeplitz and LDR products) run over all tokens at
     once instead of in cache-sized chunks (``hirank.ops.chunks.CPU_CHUNK_ELEMENTS``)."""

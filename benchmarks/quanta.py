@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 import hirank  # noqa: E402
 from common import (  # noqa: E402
-    argument_parser, interleaved_seconds, parse_args, print_table, saved_activation_bytes, tensor_step,
+    argument_parser, interleaved_seconds, parse_args, print_table, round_ratios, saved_activation_bytes, tensor_step,
     whole_passes,
 )
 from hirank.analysis import match_budget, trainable_parameters  # noqa: E402
@@ -92,8 +92,7 @@ def compare(d: int, tokens: int, rounds: int) -> list[dict[str, object]]:
     memory = {name: saved_activation_bytes(lambda m=model: m(x).square().mean(), model) for name, model in models.items()}
 
     def ratio(name: str, reference: str) -> str:
-        per_round = [a / b for a, b in zip(times[name], times[reference])]
-        return f"{statistics.median(per_round):.2f} ({min(per_round):.2f}–{max(per_round):.2f})"
+        return round_ratios(times[name], times[reference])
 
     rows = []
     for name, model in models.items():

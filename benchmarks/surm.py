@@ -40,7 +40,7 @@ import hirank  # noqa: E402
 from common import (  # noqa: E402
     DEVICE, LinearStack, adapted, argument_parser, batch, best_seconds, clock, dense_delta_forward, layer_step,
     parse_args,
-    interleaved_seconds, print_table, saved_activation_bytes, tensor_step, train_step, whole_passes,
+    interleaved_seconds, print_table, round_ratios, saved_activation_bytes, tensor_step, train_step, whole_passes,
 )
 from hirank.ops import structured  # noqa: E402
 from hirank.tuners.surm.layer import SurmLayer  # noqa: E402
@@ -182,14 +182,13 @@ def mlp_table(dims: list[int], token_counts: list[int], rounds: int) -> list[dic
             lora = statistics.median(times["peft lora r=8"])
             for name in models:
                 median = statistics.median(times[name])
-                whole = [a / b for a, b in zip(times.get(f"{name}, whole passes", []), times[name])]
+                whole = times.get(f"{name}, whole passes")
                 rows.append({
                     "d": d, "tokens": tokens, "method": name,
                     "step ms": f"{1e3 * median:.1f}",
                     "step ÷ LoRA": f"{median / lora:.2f}",
                     "spread": f"{min(times[name]) / lora:.2f}–{max(times[name]) / lora:.2f}",
-                    "whole ÷ this": f"{statistics.median(whole):.2f} ({min(whole):.2f}–{max(whole):.2f})"
-                                    if whole else "-",
+                    "whole ÷ this": "-" if whole is None else round_ratios(whole, times[name]),
                     "saved MiB": f"{memory[name] / 2**20:.1f}",
                     "memory ÷ LoRA": f"{memory[name] / memory['peft lora r=8']:.2f}",
                 })
