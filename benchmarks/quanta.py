@@ -2,7 +2,8 @@
 
 A model of 4 Linear(d, d) layers with GELU between, every Linear adapted; one step is forward + backward +
 AdamW. Methods: peft LoRA r=8; QuanTA at its default factors and at LoRA r=8's parameter budget
-(``hirank.analysis.match_budget``); and, at the same factors, a reference layer written from the paper: one
+(``hirank.analysis.match_budget``), each also with ``fold_frozen_copy=True`` (W₀ − M(θ₀) kept densely, no θ₀
+circuit per step: the authors' execution); and, at the same factors, a reference layer written from the paper: one
 ``torch.einsum`` per gate on the reshaped activation, in the official gate order, with −M(θ₀) folded into a
 copy of W₀ once (as the official code folds it into W at the first forward), autograd saving every gate
 input; and QuanTA's default once more with each pass run whole instead of in cache-sized token chunks
@@ -84,6 +85,10 @@ def compare(d: int, tokens: int, rounds: int) -> list[dict[str, object]]:
     models = {"lora r=8": lora,
               "quanta default": get_peft_model(mlp(d), hirank.QuantaConfig(target_modules=TARGETS)),
               "quanta at budget": get_peft_model(mlp(d), hirank.QuantaConfig(target_modules=TARGETS, **match.knobs))}
+    for name, knobs in (("quanta default", {}), ("quanta at budget", match.knobs)):  # same gates, θ₀ folded
+        folded = get_peft_model(mlp(d), hirank.QuantaConfig(target_modules=TARGETS, fold_frozen_copy=True, **knobs))
+        folded.load_state_dict(models[name].state_dict())
+        models[f"{name}, folded"] = folded
     models["einsum ref (default factors)"] = einsum_model(models["quanta default"], d)
     models["einsum ref (budget factors)"] = einsum_model(models["quanta at budget"], d)
     steps = {name: tensor_step(model.train(), x) for name, model in models.items()}
@@ -98,8 +103,8 @@ def compare(d: int, tokens: int, rounds: int) -> list[dict[str, object]]:
     for name, model in models.items():
         circuit = (model.base_model.model[0].quanta_circuit["default"] if name.startswith("quanta")
                    else model[0].circuit if name.startswith("einsum") else None)
-        reference = "einsum ref (default factors)" if name == "quanta default" else (
-            "einsum ref (budget factors)" if name == "quanta at budget" else None)
+        reference = "einsum ref (default factors)" if name.startswith("quanta default") else (
+            "einsum ref (budget factors)" if name.startswith("quanta at budget") else None)
         rows.append({
             "d": d, "tokens": tokens, "method": name,
             "factors": "-" if circuit is None else "·".join(map(str, circuit.in_factors)),
@@ -123,8 +128,9 @@ def main() -> None:
     rows = []
     for d in (int(v) for v in args.dims.split(",")):
         for tokens in dict.fromkeys(d if t == "d" else int(t) for t in args.tokens.split(",")):
-            rows += compare(d, tokens, args.rounds)
-            print_table(rows[-5:])
+            setting = compare(d, tokens, args.rounds)
+            print_table(setting)
+            rows += setting
             print(flush=True)
     print(f"{args.threads} CPU thread(s); median (min–max) of {args.rounds} interleaved rounds")
     print_table(rows)

@@ -59,17 +59,23 @@ BASE = "frozen base"
 @dataclass(frozen=True)
 class Method:
     """A row family: ``space`` (a key of hirank.budget.KNOB_SPACES), optionally restricted to settings with
-    ``restrict`` (SURM's structures), and the hirank default size (None for peft's peers: budget row only)."""
+    ``restrict`` (SURM's structures), and the hirank default size (None for peft's peers: budget row only);
+    ``execution``: config fields that change how the method runs, not its parameters (added to every row)."""
 
     name: str
     space: str
     default: dict[str, Any] | None = None
     restrict: dict[str, Any] = field(default_factory=dict)
     step_target: float | None = None  # issue 12's target for step ÷ LoRA
+    execution: dict[str, Any] = field(default_factory=dict)
+    note: str = ""  # shown under the table for each of the method's rows
 
 
 HIRANK_METHODS = (
     Method("quanta", "quanta", {}, step_target=1.5),
+    Method("quanta-folded", "quanta", {}, step_target=1.5, execution={"fold_frozen_copy": True},
+           note="fold_frozen_copy=True: each adapted layer also keeps W₀ − M(θ₀), one more weight of d² values "
+                "(not an activation: outside act. mem)."),
     Method("quantum_peft", "quantum_peft", {}, step_target=1.1),
     Method("mtlora", "mtlora", {}, step_target=1.05),
     Method("loratrf", "loratrf", {}, step_target=1.25),
@@ -142,10 +148,11 @@ def plan_rows(names: list[str], base: LinearStack, targets: list[str], budget: i
         default = method.default
         same = default is not None and match.params == count_adapter_parameters(
             base, space.make_config(targets, default))
-        rows.append(Row(name, "budget = default" if same else "budget", match.knobs, note=match.note,
-                        step_target=method.step_target))
+        rows.append(Row(name, "budget = default" if same else "budget", {**match.knobs, **method.execution},
+                        note=" ".join(filter(None, (match.note, method.note))), step_target=method.step_target))
         if default is not None and not same:
-            rows.append(Row(name, "default", dict(default), step_target=method.step_target))
+            rows.append(Row(name, "default", {**default, **method.execution}, note=method.note,
+                            step_target=method.step_target))
     return rows, skipped
 
 

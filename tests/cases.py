@@ -149,6 +149,7 @@ CASES: list[MethodCase] = [
     ),
     MethodCase("quanta", hirank.QuantaConfig, {}, _quanta_formula()),
     MethodCase("quanta-3axes", hirank.QuantaConfig, {"n_axes": 3}, _quanta_formula(n_axes=3)),
+    MethodCase("quanta-folded", hirank.QuantaConfig, {"fold_frozen_copy": True}, _quanta_formula()),
     _surm_case("circulant", "lora"),
     _surm_case("circulant", "adapter"),
     _surm_case("toeplitz", "lora"),

@@ -14,8 +14,8 @@ from hirank.ops import chunks
 from tests.cases import CASES
 from tests.tiny_models import TINY_MODELS
 
-COMPILED_CASES = ("lora", "quanta", "quanta-3axes", "quantum_peft", "mtlora-icfm", "loratrf", "surm-circulant-lora",
-                  "surm-ldr-lora")
+COMPILED_CASES = ("lora", "quanta", "quanta-3axes", "quanta-folded", "quantum_peft", "mtlora-icfm", "loratrf",
+                  "surm-circulant-lora", "surm-ldr-lora")
 
 
 # both layers adapted (a per-layer recompile would show as several graphs) and the three weight shapes (square

@@ -40,6 +40,7 @@ METHOD_BAD = [
     (hirank.QuantaConfig, "pad", "no"), (hirank.QuantaConfig, "pad", 0),
     (hirank.QuantaConfig, "dropout", 1.0), (hirank.QuantaConfig, "dropout", -0.1),
     (hirank.QuantaConfig, "dropout", math.nan), (hirank.QuantaConfig, "dropout", "0.1"),
+    (hirank.QuantaConfig, "fold_frozen_copy", "yes"), (hirank.QuantaConfig, "fold_frozen_copy", 1),
     (hirank.QuantumPeftConfig, "rank", 0), (hirank.QuantumPeftConfig, "rank", True),
     (hirank.QuantumPeftConfig, "rank", "8"),
     (hirank.QuantumPeftConfig, "n_layers", -1), (hirank.QuantumPeftConfig, "n_layers", 1.5),

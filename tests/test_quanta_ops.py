@@ -446,3 +446,97 @@ def test_fused_path_saves_x_and_the_merged_weight_only(monkeypatch):
     assert sum(saved.values()) == (4096 * 64 + 64 * 64) * 4
     out.sum().backward()  # the rebuilt identity gives the gates their gradient
     assert model.base_model.model[0].quanta_gates["default"].grad.abs().max() > 0
+
+
+# ---- fold_frozen_copy: W₀ − M(θ₀) kept densely, only the θ circuit per step -----------------------------------
+def _plain_and_folded(width: int = 96, **config) -> tuple[nn.Module, nn.Module]:
+    """The same W₀, θ and θ₀ (float64) without and with ``fold_frozen_copy``."""
+    models = [get_peft_model(_linear_model(width).double(), hirank.QuantaConfig(
+        target_modules=["0"], init_weights=False, fold_frozen_copy=fold, **config)) for fold in (False, True)]
+    models[1].load_state_dict(models[0].state_dict())
+    return models[0], models[1]
+
+
+@pytest.mark.parametrize("tokens, path", [(64, ["structured"]), (128, ["dense"]), (4096, ["dense", "fused"])])
+def test_folded_copy_runs_only_the_theta_circuit_with_the_exact_outputs_and_gradients(tokens, path, monkeypatch):
+    """Each path of the cost model (the θ circuit; M(θ) built densely, as a separate product or fused into the
+    folded weight's) gives the unfolded layer's output and gradients, and none runs the θ₀ circuit."""
+    import hirank.tuners.quanta.layer as quanta_layer
+
+    plain, folded = _plain_and_folded(24, factors=[6, 4]) if "fused" in path else _plain_and_folded()
+    width = plain.base_model.model[0].in_features
+    x = torch.randn(tokens // 64, 64, width, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(tokens // 64, 64, width, dtype=torch.float64)
+
+    def run(model: nn.Module) -> tuple[torch.Tensor, ...]:
+        out = model(x)
+        return (out, *torch.autograd.grad(out, (x, model.base_model.model[0].quanta_gates["default"]), grad))
+
+    expected = run(plain)
+    calls: list[str] = []
+    monkeypatch.setattr(QuantaCircuit, "apply_difference", lambda *args: pytest.fail("the θ₀ circuit ran"))
+    monkeypatch.setattr(QuantaCircuit, "delta_dense", lambda *args: pytest.fail("the θ₀ circuit ran"))
+    apply, dense, merged = QuantaCircuit.apply, QuantaCircuit.dense, quanta_layer.merged_linear
+    monkeypatch.setattr(QuantaCircuit, "apply", lambda *args: calls.append("structured") or apply(*args))
+    monkeypatch.setattr(QuantaCircuit, "dense", lambda *args: calls.append("dense") or dense(*args))
+    monkeypatch.setattr(quanta_layer, "merged_linear", lambda *args: calls.append("fused") or merged(*args))
+    for got, want in zip(run(folded), expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert calls == path
+
+
+def test_folded_copy_is_rebuilt_after_load_theta0_edits_unmerge_and_casts(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    plain, folded = _plain_and_folded()
+    layer = folded.base_model.model[0]
+    x = torch.randn(5, 96, dtype=torch.float64)
+
+    def check(what: str, tolerance: float = 1e-10) -> None:
+        torch.testing.assert_close(folded(x), plain(x), rtol=tolerance, atol=tolerance, msg=what)
+
+    with torch.no_grad():
+        assert layer.quanta_folded_from["default"] == layer._fold_source("default"), "not refolded on load"
+        check("after load_state_dict")
+        for model in (plain, folded):
+            model.base_model.model[0].quanta_theta0["default"].mul_(0.5)
+        check("θ₀ edited in place")
+        for model in (plain, folded):
+            model.merge_adapter()
+        check("merged")
+        for model in (plain, folded):
+            model.unmerge_adapter()
+        check("after unmerge")
+        plain.float(), folded.float()
+        x = x.float()
+        check("after a cast to float32", 1e-5)
+        assert layer.quanta_folded["default"].dtype == torch.float32
+
+    assert not any("folded" in key for key in folded.state_dict())
+    folded.save_pretrained(tmp_path)
+    assert sorted(load_file(tmp_path / "adapter_model.safetensors")) == [
+        "base_model.model.0.quanta_gates", "base_model.model.0.quanta_theta0"]
+    loaded = PeftModel.from_pretrained(_linear_model(96), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), folded(x), rtol=0, atol=0)
+
+    folded.add_adapter("other", hirank.QuantaConfig(target_modules=["0"], fold_frozen_copy=True))
+    assert "other" in layer.quanta_folded
+    folded.delete_adapter("other")
+    assert "other" not in layer.quanta_folded and "other" not in layer.quanta_folded_from
+
+
+def test_folded_copy_falls_back_to_the_exact_path_where_the_base_runs_through_hooks():
+    plain, folded = _plain_and_folded()
+    folded.base_model.model[0].get_base_layer().register_forward_hook(lambda *args: None)
+    x = torch.randn(5, 96, dtype=torch.float64)
+    with torch.no_grad(), pytest.warns(UserWarning, match="fold_frozen_copy.*exact θ₀ circuit"):
+        out = folded(x)
+    torch.testing.assert_close(out, plain(x), rtol=0, atol=0)
+
+
+def test_folded_cost_model_counts_four_passes_instead_of_six():
+    circuit = QuantaCircuit((8, 8, 4, 4), (8, 8, 4, 4))
+    assert 3 * circuit.structured_cost(512, folded=True) == 2 * circuit.structured_cost(512)
+    assert circuit.dense_cost(512, folded=True) < circuit.dense_cost(512)

@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.integrations import dequantize_bnb_weight
 from torch import nn
 
+import hirank
 from hirank.tuners.base import dense_base_weight
 from tests.cases import CASES, MethodCase
 from tests.tiny_models import QUANTIZABLE_LLAMA, TINY_MODELS
@@ -216,3 +217,10 @@ def test_weight_hirank_cannot_merge_into_is_refused_at_get_peft_model() -> None:
     case = next(case for case in CASES if case.id == "quanta")
     with pytest.raises(TypeError, match=r"'lin0'.*int8.*Linear4bit"):
         get_peft_model(model, case.config(["lin0", "lin1"]))
+
+
+def test_folding_quanta_frozen_copy_into_a_4bit_weight_is_refused() -> None:
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False).to("cpu")
+    with pytest.raises(ValueError, match=r"'0'.*fold_frozen_copy.*bitsandbytes 4bit"):
+        get_peft_model(nn.Sequential(layer), hirank.QuantaConfig(target_modules=["0"], fold_frozen_copy=True))

@@ -33,6 +33,8 @@ N = 1024 and ≈ 3.7 thousand at N = 2048 (measured on one CPU thread, 4 axes: �
 LLM training regime T ≳ 2N; a 2-axis layer (one dense gate) from a few hundred tokens. Memory: the fused path
 saves x and W₀ + ΔW (the identity the build runs on is rebuilt in backward), so it is taken only from T ≥ 2·N_out
 on (W₀ + ΔW at most half of x: activation memory within 1.3× LoRA's). ``prefer_dense`` picks per layer and step.
+Where the layer keeps W₀ − M(θ₀) as a dense copy (``fold_frozen_copy``, the authors' execution, spec §1.3) the θ₀
+passes drop out of both paths (``folded=True``): four passes per step, and the dense path builds M(θ) alone.
 """
 
 from __future__ import annotations
@@ -192,26 +194,29 @@ class QuantaCircuit:
             current[a], current[b] = shape[0], shape[1]
         return total
 
-    def structured_cost(self, tokens: int) -> int:
+    def structured_cost(self, tokens: int, folded: bool = False) -> int:
         """Cost of one training step of ``apply_difference`` on ``tokens`` rows: six circuit passes (forward θ
-        and θ₀; backward: recomputed inputs, θ chain, gate gradients, θ₀ chain)."""
-        return 6 * tokens * self.pass_cost_per_token()
+        and θ₀; backward: recomputed inputs, θ chain, gate gradients, θ₀ chain); four for ``apply`` alone, where
+        −M(θ₀) is ``folded`` into a copy of the base weight (its GEMMs are the base layer's own)."""
+        return (4 if folded else 6) * tokens * self.pass_cost_per_token()
 
-    def dense_cost(self, tokens: int, fused: bool = False) -> int:
+    def dense_cost(self, tokens: int, fused: bool = False, folded: bool = False) -> int:
         """The same for a dense ΔW built for the step, a structured step on the d_in rows of the identity, plus
         its (tokens × d_in × d_out) GEMMs beyond the base layer's own: three for a separate branch
         ``x @ delta_dense(θ, θ₀)ᵀ`` (forward, ∂x, ∂ΔW); one when ``fused`` into the base layer's product with
-        W₀ + ΔW (``ops.merged``: its forward and ∂x GEMMs replace the base's, only ∂ΔW is added)."""
+        W₀ + ΔW (``ops.merged``: its forward and ∂x GEMMs replace the base's, only ∂ΔW is added). ``folded``:
+        the built matrix is M(θ) alone, added to the folded weight W₀ − M(θ₀)."""
         gemms = 1 if fused else 3
-        return gemms * tokens * self.in_features * self.out_features + self.structured_cost(self.in_features)
+        return gemms * tokens * self.in_features * self.out_features + self.structured_cost(self.in_features, folded)
 
-    def prefer_dense(self, tokens: int, fused: bool = False) -> bool:
+    def prefer_dense(self, tokens: int, fused: bool = False, folded: bool = False) -> bool:
         """True where building ΔW densely once per step is cheaper than the structured path (tokens ≫ d, or
         few large axes); ``fused``: as one product with W₀ + ΔW (see ``dense_cost``), and only where that weight,
-        saved for backward, is at most half of x (tokens ≥ 2·d_out): activation memory within 1.3× LoRA's."""
+        saved for backward, is at most half of x (tokens ≥ 2·d_out): activation memory within 1.3× LoRA's;
+        ``folded``: both paths without the θ₀ branch (see ``structured_cost``)."""
         if fused and tokens < 2 * self.out_features:
             return False
-        return self.dense_cost(tokens, fused) < self.structured_cost(tokens)
+        return self.dense_cost(tokens, fused, folded) < self.structured_cost(tokens, folded)
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of the gates inside one flat parameter vector of length ``num_parameters()``."""

@@ -36,6 +36,16 @@ class QuantaConfig(HirankConfig):
         dropout: dropout on the adapter input (paper: ``quanta_dropout``).
         init_weights: True (paper): random gates θ and a frozen copy θ₀ = θ, so ΔW = 0 at start with
             non-zero gradients. False: θ₀ drawn independently, so ΔW ≠ 0 (tests, experiments).
+        fold_frozen_copy: False (default): every step subtracts M(θ₀)·x by running the frozen circuit too, exact
+            (a fresh adapter leaves outputs bitwise unchanged) and without extra memory. True: the authors'
+            execution (spec §1.3): each adapted layer keeps W₀ − M(θ₀) as a dense copy beside W₀ (W₀ itself is
+            never edited; the copy is not saved and is rebuilt after loading, merging and unmerging) and runs only
+            the θ circuit: 4 circuit passes per training step instead of 6, which shortened QuanTA's step by
+            9–20% at d = 1024–4096 (``benchmarks/speed.py``, one CPU thread). Costs one weight-sized buffer per adapted
+            layer and adapter, outputs at init equal to the base's only up to the rounding of W₀ − M(θ₀) in W₀'s
+            dtype, and, with dropout, the θ₀ term reads x undropped (the authors' y = (W₀ − M(θ₀))x + M(θ)·drop(x)).
+            Needs a float ``nn.Linear``/``Conv1D`` weight (not bitsandbytes-quantized); layers whose base runs
+            through hooks or a sharded weight, and several active adapters at once, fall back to the exact path.
     """
 
     n_axes: int = field(default=4, metadata={"help": "Number of tensor axes D (auto factorization)."})
@@ -43,6 +53,10 @@ class QuantaConfig(HirankConfig):
     out_factors: Optional[list[int]] = field(default=None, metadata={"help": "Output factors m_1..m_D."})
     pad: bool = field(default=False, metadata={"help": "Zero-pad/crop when a size does not factor."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    fold_frozen_copy: bool = field(
+        default=False,
+        metadata={"help": "Keep W0 − M(θ0) as a dense copy per layer, run only the θ circuit (faster, more memory)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,6 +68,7 @@ class QuantaConfig(HirankConfig):
                                                expected="None or a list of at least 2 positive integers"))
         self.pad = check.flag("pad")
         self.dropout = check.number("dropout", low=0.0, high=1.0, high_open=True)
+        self.fold_frozen_copy = check.flag("fold_frozen_copy")
         if self.out_factors is not None and self.factors is None:
             raise ValueError("QuantaConfig: out_factors needs factors too (both define the gate shapes).")
         if self.factors is not None and self.out_factors is not None and len(self.factors) != len(self.out_factors):
