@@ -24,7 +24,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 #: battery cases (tests/cases.py) that stand for every method family
-CASE_IDS = ("lora", "quanta", "quantum_peft", "quantum_peft-L2-masked", "mtlora-ctcm", "loratrf",
+CASE_IDS = ("lora", "quanta", "quanta-folded", "quantum_peft", "quantum_peft-L2-masked", "mtlora-ctcm", "loratrf",
             "surm-ldr-lora", "surm-circulant-lora", "surm-circulant-adapter")
 TOLERANCE = 1e-5
 #: DeepSpeed clips the global gradient norm at 1.0 unless told otherwise (its GRADIENT_CLIPPING_DEFAULT); the
