@@ -527,13 +527,23 @@ def test_folded_copy_is_rebuilt_after_load_theta0_edits_unmerge_and_casts(tmp_pa
     assert "other" not in layer.quanta_folded and "other" not in layer.quanta_folded_from
 
 
-def test_folded_copy_falls_back_to_the_exact_path_where_the_base_runs_through_hooks():
+@pytest.mark.parametrize("blocker", ["hook", "trainable weight"])
+def test_folded_copy_falls_back_to_the_exact_path_where_the_base_cannot_run_on_it(blocker):
+    """A hook would be skipped, and a trainable W₀ would get no gradient through the copy: the exact path runs."""
     plain, folded = _plain_and_folded()
-    folded.base_model.model[0].get_base_layer().register_forward_hook(lambda *args: None)
+    base = folded.base_model.model[0].get_base_layer()
+    if blocker == "hook":
+        base.register_forward_hook(lambda *args: None)
+    else:
+        for model in (plain, folded):
+            model.base_model.model[0].get_base_layer().weight.requires_grad_(True)
     x = torch.randn(5, 96, dtype=torch.float64)
-    with torch.no_grad(), pytest.warns(UserWarning, match="fold_frozen_copy.*exact θ₀ circuit"):
+    with pytest.warns(UserWarning, match="fold_frozen_copy.*exact θ₀ circuit"):
         out = folded(x)
     torch.testing.assert_close(out, plain(x), rtol=0, atol=0)
+    if blocker == "trainable weight":
+        out.sum().backward()
+        assert base.weight.grad is not None and base.weight.grad.abs().max() > 0
 
 
 def test_folded_cost_model_counts_four_passes_instead_of_six():

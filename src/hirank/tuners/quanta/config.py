@@ -45,7 +45,8 @@ class QuantaConfig(HirankConfig):
             layer and adapter, outputs at init equal to the base's only up to the rounding of W₀ − M(θ₀) in W₀'s
             dtype, and, with dropout, the θ₀ term reads x undropped (the authors' y = (W₀ − M(θ₀))x + M(θ)·drop(x)).
             Needs a float ``nn.Linear``/``Conv1D`` weight (not bitsandbytes-quantized); layers whose base runs
-            through hooks or a sharded weight, and several active adapters at once, fall back to the exact path.
+            through hooks, or whose weight is sharded or trainable, and several active adapters at once, fall back
+            to the exact path.
     """
 
     n_axes: int = field(default=4, metadata={"help": "Number of tensor axes D (auto factorization)."})

@@ -125,18 +125,19 @@ class QuantaLayer(HirankLayer):
 
     def _folded_adapter(self) -> Optional[str]:
         """The one active unmerged adapter when it folds its frozen copy and the base can run on the folded weight
-        (a plain float nn.Linear / Conv1D without hooks, its weight whole); else None (the exact θ₀-circuit path)."""
+        (a plain float nn.Linear / Conv1D without hooks, its weight whole and frozen); else None (the exact θ₀-circuit
+        path)."""
         names = [name for name in self.active_adapters if name in self._adapter_names()]
         if self.disable_adapters or self.merged or len(names) != 1 or names[0] not in self.quanta_folded_from:
             return None
         base = self.base_layer
         if type(base) not in (nn.Linear, Conv1D) or base._forward_hooks or base._forward_pre_hooks \
                 or "forward" in base.__dict__ or type(base.weight) not in (nn.Parameter, torch.Tensor) \
-                or not is_gathered(base.weight, self.in_features * self.out_features):
+                or not is_gathered(base.weight, self.in_features * self.out_features) or base.weight.requires_grad:
             warnings.warn(
                 f"QuanTA fold_frozen_copy: this layer's base ({type(base).__name__}) runs through hooks, a patched "
-                "forward or a sharded weight, so it cannot run on the folded copy; it runs the exact θ₀ circuit "
-                "instead (same outputs, slower).", stacklevel=2,
+                "forward, a sharded or a trainable weight, so it cannot run on the folded copy; it runs the exact θ₀ "
+                "circuit instead (same outputs, slower).", stacklevel=2,
             )
             return None
         return names[0]
