@@ -352,7 +352,11 @@ def _token_chunks(circuit: QuantaCircuit, tokens: int, device: torch.device, at_
 
 def _unless_equal(trained: torch.Tensor, frozen: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     """trained − frozen, exactly 0 (bitwise) where θ = θ₀ (``same``): the frozen branch then takes the trained
-    branch's own values, so a fresh adapter leaves outputs and upstream gradients untouched."""
+    branch's own values, so a fresh adapter leaves outputs and upstream gradients untouched. On CPU (eager) the
+    flag is read as a bool, which costs no device sync there, and the subtraction runs in place in the trained
+    chain's workspace: one pass over the state instead of a ``where`` and a subtraction (2–3% of a step)."""
+    if trained.device.type == "cpu" and not torch.compiler.is_compiling():
+        return trained.sub_(trained if same else frozen)
     return trained - torch.where(same, trained, frozen)
 
 
