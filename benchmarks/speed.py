@@ -4,7 +4,8 @@ Setting: 4 Linear layers of width d with GELU between (``common.LinearStack``), 
 tokens per step as sequences of 128, forward + backward (input gradient included, as inside a network) + AdamW.
 Each method runs at LoRA r=8's parameter count (``hirank.analysis.match_budget``; a method that its natural knobs
 cannot bring there keeps its nearest natural setting, and the note says so) and each hirank method also at its
-default size. Columns, each the median over interleaved rounds with the min–max spread of the per-round ratios:
+default size; QuanTA runs twice, as ``quanta`` and as ``quanta-folded`` (``fold_frozen_copy=True``). Columns,
+each the median over interleaved rounds with the min–max spread of the per-round ratios:
 
 - **step ÷ LoRA**, **step ÷ base**: time of one training step against peft LoRA r=8 and against the frozen base
   (forward + backward to the input, no adapter, no optimizer) in the same round (CPU: thread CPU time with one
