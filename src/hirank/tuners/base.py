@@ -373,21 +373,26 @@ class HirankLayer(nn.Module, BaseTunerLayer):
         base = self.base_layer
         return merged_linear(x, base.weight, base.bias, delta)
 
+    def base_runs_as_product(self, types: tuple[type, ...] = (nn.Linear,)) -> bool:
+        """Whether the layer may compute the base layer's output as its own product with the base weight instead of
+        calling it: the base is exactly one of ``types`` (not a subclass such as bitsandbytes'), without hooks or a
+        patched forward, and its weight is a plain whole tensor (no DTensor or quantized tensor subclass, not a
+        FSDP / ZeRO-3 shard)."""
+        base = self.base_layer
+        return type(base) in types and not base._forward_hooks and not base._forward_pre_hooks \
+            and "forward" not in base.__dict__ and type(base.weight) in (nn.Parameter, torch.Tensor) \
+            and is_gathered(base.weight, self.in_features * self.out_features)
+
     def _fusable_adapter(self, x: torch.Tensor) -> Optional[str]:
         """The layer's one active unmerged adapter when its ΔW may be folded into the base product: the base is a
-        plain ``nn.Linear`` (not a subclass such as bitsandbytes', no hooks, no patched forward) with a plain
-        unsharded weight tensor (no DTensor or quantized tensor subclass) of the adapter's dtype (float32 or float64:
+        plain ``nn.Linear`` (:meth:`base_runs_as_product`) with a weight of the adapter's dtype (float32 or float64:
         hirank keeps at least float32 adapters, and a half-precision W₀ + ΔW would round a small ΔW away), as x
         has, outside autocast. Else None."""
         names = [name for name in self.active_adapters if name in self._adapter_names()]
-        base = self.base_layer
-        if self.merged or len(names) != 1 or type(base) is not nn.Linear or base._forward_hooks \
-                or base._forward_pre_hooks or "forward" in base.__dict__:
+        if self.merged or len(names) != 1 or not self.base_runs_as_product() \
+                or torch.is_autocast_enabled(x.device.type):
             return None
-        weight = base.weight
-        if type(weight) not in (nn.Parameter, torch.Tensor) or torch.is_autocast_enabled(x.device.type) \
-                or not is_gathered(weight, self.in_features * self.out_features):
-            return None
+        weight = self.base_layer.weight
         tensors = [getattr(self, attr)[names[0]] for attr in self.adapter_layer_names
                    if names[0] in getattr(self, attr)]
         if x.dtype != weight.dtype or any(tensor.dtype != weight.dtype for tensor in tensors):

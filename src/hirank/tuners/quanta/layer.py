@@ -8,11 +8,10 @@ from typing import Any, Optional
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ...ops.merged import merged_linear
 from ...ops.quanta import QuantaCircuit, plan_circuit
-from ..base import HirankLayer, drops_inputs, quantized_weight_kind
+from ..base import SUPPORTED_LAYER_TYPES, HirankLayer, drops_inputs, quantized_weight_kind
 from ..sharding import is_gathered
 from .config import QuantaConfig
 
@@ -65,7 +64,6 @@ class QuantaLayer(HirankLayer):
         self.quanta_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self._finish_update_layer(adapter_name, config)
         if config.fold_frozen_copy:
-            self.quanta_folded_from[adapter_name] = None
             self._fold(adapter_name)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -125,19 +123,15 @@ class QuantaLayer(HirankLayer):
 
     def _folded_adapter(self) -> Optional[str]:
         """The one active unmerged adapter when it folds its frozen copy and the base can run on the folded weight
-        (a plain float nn.Linear / Conv1D without hooks, its weight whole and frozen); else None (the exact θ₀-circuit
-        path)."""
+        (``base_runs_as_product`` for nn.Linear / Conv1D, its weight frozen); else None (the exact θ₀-circuit path)."""
         names = [name for name in self.active_adapters if name in self._adapter_names()]
         if self.disable_adapters or self.merged or len(names) != 1 or names[0] not in self.quanta_folded_from:
             return None
-        base = self.base_layer
-        if type(base) not in (nn.Linear, Conv1D) or base._forward_hooks or base._forward_pre_hooks \
-                or "forward" in base.__dict__ or type(base.weight) not in (nn.Parameter, torch.Tensor) \
-                or not is_gathered(base.weight, self.in_features * self.out_features) or base.weight.requires_grad:
+        if not self.base_runs_as_product(SUPPORTED_LAYER_TYPES) or self.base_layer.weight.requires_grad:
             warnings.warn(
-                f"QuanTA fold_frozen_copy: this layer's base ({type(base).__name__}) runs through hooks, a patched "
-                "forward, a sharded or a trainable weight, so it cannot run on the folded copy; it runs the exact θ₀ "
-                "circuit instead (same outputs, slower).", stacklevel=2,
+                f"QuanTA fold_frozen_copy: this layer's base ({type(self.base_layer).__name__}) runs through hooks, a "
+                "patched forward, a sharded or a trainable weight, so it cannot run on the folded copy; it runs the "
+                "exact θ₀ circuit instead (same outputs, slower).", stacklevel=2,
             )
             return None
         return names[0]
@@ -152,8 +146,8 @@ class QuantaLayer(HirankLayer):
         weight, bias = (folded.T if self.fan_in_fan_out else folded), self.base_layer.bias
         circuit, gates = self.quanta_circuit[adapter_name], self.quanta_gates[adapter_name]
         dropout, tokens = self.quanta_dropout[adapter_name], x.numel() // x.shape[-1]
-        if not drops_inputs(dropout) and self._fusable_adapter(x) == adapter_name \
-                and circuit.prefer_dense(tokens, fused=True, folded=True):
+        if not drops_inputs(dropout) and circuit.prefer_dense(tokens, fused=True, folded=True) \
+                and self._fusable_adapter(x) == adapter_name:
             return merged_linear(x, weight, bias, circuit.dense(gates))  # one product with W₀ − M(θ₀) + M(θ)
         result = nn.functional.linear(x, weight, bias)
         branch_input = dropout(x.to(gates.dtype))
