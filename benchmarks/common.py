@@ -169,7 +169,7 @@ def round_ratios(seconds: list[float], reference: list[float]) -> str:
 
 
 def whole_passes(step: Callable[[], object]) -> Callable[[], object]:
-    """``step`` with every chunked pass (QuanTA's circuit, SURM's Toeplitz and LDR products) run over all tokens at
+    """``step`` with every chunked pass (QuanTA's circuit, SURM's fast products) run over all tokens at
     once instead of in cache-sized chunks (``hirank.ops.chunks.CPU_CHUNK_ELEMENTS``)."""
     def run() -> object:
         chunk_elements = chunks.CPU_CHUNK_ELEMENTS

@@ -321,20 +321,22 @@ def test_a_training_step_does_the_transforms_the_cost_model_counts(structure, ra
     assert forward.count + backward.count == structured.transforms_per_row(structure, rank, training=True)
 
 
-@pytest.mark.parametrize("structure, rank", [("toeplitz", 1), ("ldr", 3)])
+@pytest.mark.parametrize("structure, rank", [("circulant", 1), ("toeplitz", 1), ("ldr", 3)])
 def test_fast_products_run_in_cache_sized_row_chunks_with_the_whole_products_outputs_and_exact_gradients(
         monkeypatch, structure, rank):
-    """On CPU the Toeplitz and LDR products run over chunks of rows (``chunks.CPU_CHUNK_ELEMENTS`` each), every
-    transform on one chunk; outputs equal the whole product's and the gradients, summed over chunks, pass
-    gradcheck."""
+    """On CPU the fast products run over chunks of rows (``chunks.CPU_CHUNK_ELEMENTS`` each; the circulant's
+    beyond ``WHOLE_CIRCULANT_ELEMENTS``), every transform on one chunk; outputs equal the whole product's and the
+    gradients, summed over chunks, pass gradcheck."""
     size, rows, m, n = 16, 7, 13, 14
-    generators = {"toeplitz": (_randn(m + n - 1, seed=65),),
+    generators = {"circulant": (_randn(size, seed=65),), "toeplitz": (_randn(m + n - 1, seed=65),),
                   "ldr": (_randn(rank, size, seed=65), _randn(rank, size, seed=66))}[structure]
     generators = tuple(g.requires_grad_() for g in generators)
-    product = {"toeplitz": structured.toeplitz_matvec, "ldr": structured.ldr_matvec}[structure]
+    product = {"circulant": structured.circulant_matvec, "toeplitz": structured.toeplitz_matvec,
+               "ldr": structured.ldr_matvec}[structure]
     x = _randn(rows, n, seed=67).requires_grad_()
     whole = product(*generators, x, m)
     monkeypatch.setattr(chunks, "CPU_CHUNK_ELEMENTS", 2 * size)  # 4 chunks: 2+2+2+1 rows
+    monkeypatch.setattr(structured, "WHOLE_CIRCULANT_ELEMENTS", 0)
     with _RowTransformCounter(2) as forward:
         chunked = product(*generators, x, m)
     with _RowTransformCounter(2) as backward:

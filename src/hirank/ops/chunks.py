@@ -1,6 +1,5 @@
 """Token chunks sized to the CPU cache, for the products that stream the rows of many tokens through many small
-steps (QuanTA's gates, SURM's Toeplitz and LDR transforms): each chunk stays in cache from its first step to its
-last.
+steps (QuanTA's gates, SURM's transforms): each chunk stays in cache from its first step to its last.
 
 On one CPU thread, chunks of about 256 Ki elements (1 MiB in float32) were best or as good as any for both. A
 training step with whole passes took 1.19× as long for QuanTA at d = 4096 with 4,096 tokens

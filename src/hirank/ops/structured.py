@@ -20,7 +20,7 @@ transform x again), Toeplitz x itself (it needs two spectra of x); the backward 
 circulant product with the conjugate spectrum. So the activation memory is LoRA's. Every row of x is
 transformed on its own: no sample ever shares an FFT with another one (a NaN or a huge value stays in its own
 sample). On CPU the Toeplitz and LDR products run over cache-sized chunks of rows (:mod:`.chunks`), so their
-many passes over each row's spectra stay in cache.
+many passes over each row's spectra stay in cache; so does the circulant's beyond a few MiB of rows.
 
 Fast product or dense S, per layer and step (:func:`fast_product_is_cheaper`, the cost model written out at the
 end of this module): both cost time linear in the tokens; the fast product ≈ (transforms per row) × N·log₂N
@@ -75,30 +75,73 @@ class _CirculantProduct(torch.autograd.Function):
 
     Saves c and, when c needs a gradient, the spectrum rfft(x) (N/2 + 1 complex numbers per row: x's size)
     instead of x, so backward needs two transforms (rfft of the gradient, irfft of the input gradient), not three.
+    On CPU, beyond ``WHOLE_CIRCULANT_ELEMENTS``, both passes run over cache-sized chunks of rows
+    (:func:`chunks.token_chunks`).
     """
 
     @staticmethod
     def forward(ctx: Any, c: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
         size, dtype = c.shape[-1], _compute_dtype(c, x)
-        x_spectrum = torch.fft.rfft(_rows(x, size, dtype))  # (T, N/2+1)
-        product = torch.fft.irfft(torch.fft.rfft(c.to(dtype)) * x_spectrum, n=size)
-        ctx.save_for_backward(c, x_spectrum if ctx.needs_input_grad[0] else None)
+        flat = x.reshape(-1, x.shape[-1])  # (T, n)
+        c_spectrum = torch.fft.rfft(c.to(dtype))
+        save, tokens = ctx.needs_input_grad[0], flat.shape[0]
+        x_spectrum = product = None
+        for part in _circulant_chunks(flat, size):
+            spectrum = torch.fft.rfft(_rows(flat[part], size, dtype))  # (t, N/2+1)
+            if save:
+                x_spectrum = _gather(x_spectrum, part, spectrum, tokens)
+            part_product = torch.fft.irfft(spectrum * c_spectrum if save else spectrum.mul_(c_spectrum), n=size)
+            product = _gather(product, part, part_product[:, :out_features], tokens)
+        ctx.save_for_backward(c, x_spectrum)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return product[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype)
+        return product.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         c, x_spectrum = ctx.saved_tensors
         size, dtype = c.shape[-1], _compute_dtype(c, grad_y)
-        grad_spectrum = torch.fft.rfft(_rows(grad_y, size, dtype))  # (T, N/2+1), grad_y zero-padded to N
-        grad_c = grad_x = None
-        if ctx.needs_input_grad[0]:  # Circ(c)·x = Circ(x)·c: Σ_t Circ(x_t)ᵀ·grad_t, summed in frequency
-            grad_c = torch.fft.irfft(_spectral_row_sum(x_spectrum, grad_spectrum), n=size).to(c.dtype)
-        if ctx.needs_input_grad[1]:  # Circ(c)ᵀ = the circulant with the conjugate spectrum (in place: last use)
-            grad_rows = torch.fft.irfft(grad_spectrum.mul_(torch.fft.rfft(c.to(dtype)).conj()), n=size)
-            grad_x = grad_rows[:, :ctx.x_shape[-1]].reshape(ctx.x_shape).to(ctx.x_dtype)
+        need_c, need_x = ctx.needs_input_grad[:2]
+        grad_flat = grad_y.reshape(-1, grad_y.shape[-1])  # (T, m)
+        c_spectrum = torch.fft.rfft(c.to(dtype))
+        grad_c_spectrum = torch.zeros_like(c_spectrum) if need_c else None
+        grad_x = None
+        for part in _circulant_chunks(grad_flat, size):
+            grad_spectrum = torch.fft.rfft(_rows(grad_flat[part], size, dtype))  # (t, N/2+1), zero-padded to N
+            if need_c:  # Circ(c)·x = Circ(x)·c: Σ_t Circ(x_t)ᵀ·grad_t, summed in frequency
+                grad_c_spectrum += _spectral_row_sum(x_spectrum[part], grad_spectrum)
+            if need_x:  # Circ(c)ᵀ = the circulant with the conjugate spectrum (in place: last use)
+                grad_rows = torch.fft.irfft(grad_spectrum.mul_(c_spectrum.conj()), n=size)
+                grad_x = _gather(grad_x, part, grad_rows[:, :ctx.x_shape[-1]], grad_flat.shape[0])
+        grad_c = torch.fft.irfft(grad_c_spectrum, n=size).to(c.dtype) if need_c else None
+        grad_x = None if grad_x is None else grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         return grad_c, grad_x, None
+
+
+#: rows × N up to which a circulant product runs as one pass on CPU (8 MiB of float32): beyond it, whole passes
+#: took 1.1–1.5× as long as passes over cache-sized chunks of rows (their spectrum-sized temporaries, written
+#: out to memory, and the reduction of c's gradient), below it up to 1.2× less (the chunks' copies).
+WHOLE_CIRCULANT_ELEMENTS = 1 << 21
+
+
+def _circulant_chunks(rows: torch.Tensor, size: int) -> list[slice]:
+    """The row chunks of a circulant pass over ``rows`` (T, ·) padded to ``size``: all rows up to
+    ``WHOLE_CIRCULANT_ELEMENTS``, else :func:`chunks.token_chunks`."""
+    if rows.shape[0] * size <= WHOLE_CIRCULANT_ELEMENTS:
+        return [slice(None)]
+    return token_chunks(rows.shape[0], size, rows.device)
+
+
+def _gather(whole: torch.Tensor | None, part: slice, block: torch.Tensor, rows: int) -> torch.Tensor:
+    """The output of a pass over row chunks, rows ``part`` set to ``block``: ``block`` itself when it holds all
+    ``rows`` rows (no copy), else copied into ``whole`` (allocated on first use). Each chunk's temporaries are
+    freed before the next one, so the next chunk reuses their memory while it is still in cache."""
+    if block.shape[0] == rows:
+        return block
+    if whole is None:
+        whole = block.new_empty(rows, *block.shape[1:])
+    whole[part] = block
+    return whole
 
 
 def circulant_matvec(c: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
