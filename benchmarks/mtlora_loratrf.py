@@ -6,8 +6,13 @@
 2. The MiniLM-shaped encoder (query, value adapted): training-step time (forward + backward + AdamW).
 3. LoRATRF at inference on that encoder (eval forward): unmerged, merged (LoRA folded, filter live) and
    after merge_and_unload, against the base model (= merged LoRA) and unmerged peft LoRA.
+4. ``--chunks`` instead: LoRATRF (low-rank T, and diagonal T at LoRA r=8's parameter count) in 4 Linear layers
+   with GELU (``common.LinearStack``), forward + backward + AdamW, ÷ peft LoRA r=8, with its filter's passes in
+   cache-sized token chunks (CPU, beyond ``hirank.ops.chunks.WHOLE_PASS_ELEMENTS``) and as whole passes
+   (column "whole ÷ this"), medians of interleaved rounds with their spread.
 
     .venv/bin/python benchmarks/mtlora_loratrf.py [--threads N] [--rank 8] [--filter-rank 8] [--rounds 5]
+    .venv/bin/python benchmarks/mtlora_loratrf.py --chunks --dims 2048 4096 --token-counts 512 4096 --rounds 7
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 import hirank  # noqa: E402
 from common import (  # noqa: E402
-    DEVICE, adapted, argument_parser, batch, best_seconds, dense_delta_forward, layer_step, minilm_like, parse_args,
-    print_table, train_step,
+    DEVICE, LinearStack, adapted, argument_parser, batch, best_seconds, dense_delta_forward, interleaved_seconds,
+    layer_step, minilm_like, parse_args, print_table, round_ratios, tensor_step, train_step, whole_passes,
 )
 from hirank.tuners.mtlora import MTLoraLayer  # noqa: E402
 
@@ -109,6 +114,36 @@ def inference_table(seq_len: int, rank: int, filter_rank: int, rounds: int) -> N
     print_table(rows)
 
 
+def chunk_table(dims: list[int], token_counts: list[int], rounds: int) -> None:
+    """LoRATRF's filter in token chunks and as whole passes, in a 4-layer stack, ÷ peft LoRA r=8."""
+    rows = []
+    for d in dims:
+        targets = LinearStack(d).target_modules()
+        configs = {"peft lora r=8": LoraConfig(target_modules=targets, r=8, lora_alpha=16),
+                   "loratrf default (low-rank T, k=8)": hirank.LoraTRFConfig(target_modules=targets),
+                   "loratrf r=7, diagonal T (LoRA r=8's count)": hirank.LoraTRFConfig(
+                       target_modules=targets, r=7, lora_alpha=14, filter_transform="diagonal")}
+        for tokens in token_counts:
+            torch.manual_seed(0)
+            x = torch.randn(tokens, d, device=DEVICE)
+            models = {}
+            for name, config in configs.items():
+                torch.manual_seed(0)
+                models[name] = get_peft_model(LinearStack(d), config).to(DEVICE)
+            steps = {name: tensor_step(model, x) for name, model in models.items()}
+            steps |= {f"{name}, whole": whole_passes(tensor_step(model, x))
+                      for name, model in models.items() if name.startswith("loratrf")}
+            times = interleaved_seconds(steps, rounds, warmup=1)
+            rows += [{"d": d, "tokens": tokens, "method": name,
+                      "step ÷ LoRA": round_ratios(times[name], times["peft lora r=8"]),
+                      "whole ÷ LoRA": round_ratios(times[f"{name}, whole"], times["peft lora r=8"]),
+                      "whole ÷ this": round_ratios(times[f"{name}, whole"], times[name])}
+                     for name in models if name.startswith("loratrf")]
+    print(f"4 Linear layers d×d with GELU between on {DEVICE}, forward + backward + AdamW, median (min–max) of "
+          f"{rounds} interleaved rounds, {torch.get_num_threads()} thread(s)")
+    print_table(rows)
+
+
 def main() -> None:
     parser = argument_parser(__doc__, threads=1, threads_help="1 gives stable timings on a shared 2-core machine")
     parser.add_argument("--dims", type=int, nargs="+", default=[768])
@@ -117,7 +152,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--filter-rank", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per table")
+    parser.add_argument("--chunks", action="store_true", help="only table 4 (LoRATRF's filter in token chunks)")
+    parser.add_argument("--token-counts", type=int, nargs="+", default=[512, 4096], help="tokens per step (--chunks)")
     args = parse_args(parser)
+    if args.chunks:
+        chunk_table(args.dims, args.token_counts, args.rounds)
+        return
     layer_table(args.dims, args.tokens, args.rank, args.filter_rank, args.rounds)
     model_table(args.seq_len, args.rank, args.filter_rank, args.rounds)
     inference_table(args.seq_len, args.rank, args.filter_rank, args.rounds)

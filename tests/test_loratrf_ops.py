@@ -134,3 +134,55 @@ def test_diagonal_filter_recovers_h_near_a_zero_scale_without_a_host_sync():
     grad = torch.randn_like(out)
     for ours, reference in zip(torch.autograd.grad(out, (h, t, D), grad), torch.autograd.grad(expected, (h, t, D), grad)):
         torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+
+
+class _WideRowOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the computing ops (not views or allocations) whose output has more than ``rows`` rows of ``width``."""
+
+    def __init__(self, rows: int, width: int) -> None:
+        super().__init__()
+        self.rows, self.width, self.wide = rows, width, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        computing = not func._schema.is_mutable and func.is_view is False and "empty" not in func.__name__
+        if computing and isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape == (out.shape[0], self.width):
+            if out.shape[0] > self.rows:
+                self.wide.append(func.__name__)
+        return out
+
+
+@pytest.mark.parametrize("transform", ["low_rank", "diagonal"])
+@pytest.mark.parametrize("similarity", loratrf.SIMILARITIES)
+def test_memory_lean_filter_runs_in_cache_sized_row_chunks_with_the_whole_passes_results(
+        monkeypatch, transform, similarity):
+    """On CPU, beyond ``chunks.WHOLE_PASS_ELEMENTS``, the filter's forward and backward take the rows in chunks
+    (``chunks.CPU_CHUNK_ELEMENTS``): every op that computes full-width rows sees one chunk (whole passes wrote
+    each of them to fresh memory: issue 12); outputs and gradients equal the whole passes', positions masked or
+    not, and gradcheck passes."""
+    from hirank.ops import chunks
+
+    tensors = _tensors()
+    h = tensors["h"].requires_grad_()  # 12 rows
+    t = (tensors["t"] * (0.3 if similarity == "dot" else 1.0)).requires_grad_()
+    C = tensors["C"].requires_grad_() if transform == "low_rank" else None
+    D = (tensors["D"] if transform == "low_rank" else 0.3 * tensors["diag"]).requires_grad_()
+    inputs = [x for x in (h, t, C, D) if x is not None]
+    grad = torch.randn_like(h)
+    for positions in [(0, 0), (2, 1)]:
+        whole = loratrf.filtered_output(h, t, D, C, similarity, *positions)
+        whole_grads = torch.autograd.grad(whole, inputs, grad)
+        monkeypatch.setattr(chunks, "CPU_CHUNK_ELEMENTS", 5 * WIDTH)  # chunks of 5 + 5 + 2 rows
+        monkeypatch.setattr(chunks, "WHOLE_PASS_ELEMENTS", 0)
+        with _WideRowOps(5, WIDTH) as forward:
+            chunked = loratrf.filtered_output(h, t, D, C, similarity, *positions)
+        with _WideRowOps(5, WIDTH) as backward:
+            chunked_grads = torch.autograd.grad(chunked, inputs, grad)
+        assert forward.wide == [] and backward.wide == []
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-13)
+        for ours, reference in zip(chunked_grads, whole_grads):
+            torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+        assert torch.autograd.gradcheck(
+            lambda *args: loratrf.filtered_output(args[0], args[1], args[-1], args[2] if C is not None else None,
+                                                  similarity, *positions), tuple(inputs))
+        monkeypatch.undo()

@@ -325,7 +325,7 @@ def test_a_training_step_does_the_transforms_the_cost_model_counts(structure, ra
 def test_fast_products_run_in_cache_sized_row_chunks_with_the_whole_products_outputs_and_exact_gradients(
         monkeypatch, structure, rank):
     """On CPU the fast products run over chunks of rows (``chunks.CPU_CHUNK_ELEMENTS`` each; the circulant's
-    beyond ``WHOLE_CIRCULANT_ELEMENTS``), every transform on one chunk; outputs equal the whole product's and the
+    beyond ``WHOLE_PASS_ELEMENTS``), every transform on one chunk; outputs equal the whole product's and the
     gradients, summed over chunks, pass gradcheck."""
     size, rows, m, n = 16, 7, 13, 14
     generators = {"circulant": (_randn(size, seed=65),), "toeplitz": (_randn(m + n - 1, seed=65),),
@@ -336,7 +336,7 @@ def test_fast_products_run_in_cache_sized_row_chunks_with_the_whole_products_out
     x = _randn(rows, n, seed=67).requires_grad_()
     whole = product(*generators, x, m)
     monkeypatch.setattr(chunks, "CPU_CHUNK_ELEMENTS", 2 * size)  # 4 chunks: 2+2+2+1 rows
-    monkeypatch.setattr(structured, "WHOLE_CIRCULANT_ELEMENTS", 0)
+    monkeypatch.setattr(chunks, "WHOLE_PASS_ELEMENTS", 0)
     with _RowTransformCounter(2) as forward:
         chunked = product(*generators, x, m)
     with _RowTransformCounter(2) as backward:

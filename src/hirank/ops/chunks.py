@@ -17,15 +17,42 @@ import torch
 
 #: elements (tokens × width) of one chunk's widest state on CPU
 CPU_CHUNK_ELEMENTS = 1 << 18
+#: elements up to which a pass of few steps per row (SURM's circulant, LoRATRF's filter) takes all tokens at once
+#: on CPU (8 MiB in float32): below it the chunks' copies into the output cost more than the cache saves (whole
+#: passes 1.1–1.3× faster for the circulant at 512–1,024 × 1,024), beyond it every whole step writes to fresh
+#: memory (whole passes 1.2–1.5× slower from 2,048 × 1,024 on; measured on one thread, side by side)
+WHOLE_PASS_ELEMENTS = 1 << 21
 
 
-def token_chunks(tokens: int, width: int, device: torch.device, at_most: int | None = None) -> list[slice]:
+def token_chunks(tokens: int, width: int, device: torch.device, at_most: int | None = None,
+                 few_steps: bool = False) -> list[slice]:
     """Slices of ``tokens`` rows of ``width`` values, in order: one slice of all of them on accelerators and under
-    torch.compile, else ``CPU_CHUNK_ELEMENTS`` worth each (and at most ``at_most`` rows each)."""
-    if device.type != "cpu" or torch.compiler.is_compiling():
+    torch.compile, else ``CPU_CHUNK_ELEMENTS`` worth each (and at most ``at_most`` rows each); for a pass of
+    ``few_steps`` per row, one slice of all of them up to ``WHOLE_PASS_ELEMENTS``."""
+    if device.type != "cpu" or torch.compiler.is_compiling() or (few_steps and tokens * width <= WHOLE_PASS_ELEMENTS):
         size = max(1, tokens)
     else:
         size = max(1, min(tokens, CPU_CHUNK_ELEMENTS // max(1, width)))
     if at_most is not None:
         size = max(1, min(size, at_most))
     return [slice(start, start + size) for start in range(0, tokens, size)]
+
+
+def gather_rows(whole: torch.Tensor | None, part: slice, block: torch.Tensor, rows: int) -> torch.Tensor:
+    """The output of a pass over row chunks, its rows ``part`` set to ``block``: ``block`` itself when it holds
+    all ``rows`` rows (one chunk: no copy), else copied into ``whole`` (allocated on first use). A pass whose chunks
+    free their temporaries before the next chunk lets that chunk reuse their memory while it is still in cache."""
+    if block.shape[0] == rows:
+        return block
+    if whole is None:
+        whole = block.new_empty(rows, *block.shape[1:])
+    whole[part] = block
+    return whole
+
+
+def sum_over_chunks(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """``total + value`` for a sum over row chunks (``total`` None before the first): the first chunk's value
+    itself (one chunk: as a whole pass), then a float32 sum at least (a bfloat16 sum would round at every chunk)."""
+    if total is None:
+        return value
+    return total.to(torch.promote_types(total.dtype, torch.float32)).add_(value)

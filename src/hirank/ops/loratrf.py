@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from .chunks import gather_rows, sum_over_chunks, token_chunks
+
 SIMILARITIES = ("cosine", "dot")
 TRANSFORMS = ("low_rank", "diagonal", "dense")
 
@@ -94,21 +96,28 @@ class _FilteredOutput(torch.autograd.Function):
     def _forward(ctx, h, task_vector, D, C, cosine: bool, mask, eps: float) -> torch.Tensor:
         shape = h.shape
         h = h.reshape(-1, shape[-1])  # (n, d)
+        rows = h.shape[0]
         probe = task_vector.unsqueeze(-1) if C is None else torch.cat([C, task_vector.unsqueeze(-1)], dim=1)
-        projected = h @ probe  # (n, k+1) low_rank: [hC, h·t]; diagonal: (n, 1) [h·t]
-        score = projected[:, -1]
-        h_norm = torch.linalg.vector_norm(h, dim=-1) if cosine else None
         t_norm = torch.linalg.vector_norm(task_vector) if cosine else None
-        cosine_score = score / (h_norm.clamp_min(eps) * t_norm.clamp_min(eps)) if cosine else score
-        gate = cosine_score.clamp(0.0, 1.0)
-        if mask is not None:
-            gate = gate * mask
-        if C is not None:  # y = h + (g·hC)·D
-            y = torch.addmm(h, gate.unsqueeze(-1) * projected[:, :-1], D)
-            u = projected[:, :-1]
-        else:  # y = h ⊙ (1 + g·D)
-            y = h * torch.addcmul(torch.ones_like(D), gate.unsqueeze(-1), D)  # the (n, d) scale is transient
-            u = None
+        y = u = cosine_score = h_norm = None
+        for part in token_chunks(rows, shape[-1], h.device, few_steps=True):
+            h_part = h[part]
+            projected = h_part @ probe  # (t, k+1) low_rank: [hC, h·t]; diagonal: (t, 1) [h·t]
+            score = projected[:, -1]
+            if cosine:
+                part_norm = torch.linalg.vector_norm(h_part, dim=-1)
+                h_norm = gather_rows(h_norm, part, part_norm, rows)
+                score = score / (part_norm.clamp_min(eps) * t_norm.clamp_min(eps))
+            cosine_score = gather_rows(cosine_score, part, score, rows)
+            gate = score.clamp(0.0, 1.0)
+            if mask is not None:
+                gate = gate * mask[part]
+            if C is not None:  # y = h + (g·hC)·D
+                y_part = torch.addmm(h_part, gate.unsqueeze(-1) * projected[:, :-1], D)
+                u = gather_rows(u, part, projected[:, :-1], rows)
+            else:  # y = h ⊙ (1 + g·D)
+                y_part = h_part * torch.addcmul(torch.ones_like(D), gate.unsqueeze(-1), D)  # the scale is transient
+            y = gather_rows(y, part, y_part, rows)
         y = y.reshape(shape)
         ctx.cosine, ctx.eps = cosine, eps
         ctx.save_for_backward(y, u, cosine_score, h_norm, t_norm, task_vector, D, C, mask)
@@ -120,6 +129,26 @@ class _FilteredOutput(torch.autograd.Function):
         shape = grad_y.shape
         dy = grad_y.reshape(-1, shape[-1])
         y = y.reshape(-1, shape[-1])
+        rows = dy.shape[0]
+        probe = task_vector.unsqueeze(-1) if C is None else torch.cat([C, task_vector.unsqueeze(-1)], dim=1)
+        grad_h = grad_D = grad_probe = t_sum = None
+        for part in token_chunks(rows, shape[-1], dy.device, few_steps=True):
+            part_grad_h, part_grads = _FilteredOutput._backward_rows(
+                ctx, dy[part], y[part], None if u is None else u[part], cosine_score[part],
+                None if h_norm is None else h_norm[part], t_norm, probe, D, C, None if mask is None else mask[part])
+            grad_h = gather_rows(grad_h, part, part_grad_h, rows)
+            grad_D, grad_probe, t_sum = (sum_over_chunks(total, value) if value is not None else None
+                                         for total, value in zip((grad_D, grad_probe, t_sum), part_grads))
+        grad_t = grad_probe[:, -1]
+        if ctx.cosine:  # no host sync: |t| < eps (clamped) passes no gradient through |t|
+            t_term = torch.where(t_norm >= ctx.eps, t_sum / t_norm.square(), 0.0)
+            grad_t = grad_t - t_term * task_vector
+        grad_C = grad_probe[:, :-1].to(C.dtype) if C is not None else None
+        return (grad_h.reshape(shape), grad_t.to(task_vector.dtype), grad_D.to(D.dtype), grad_C, None, None, None)
+
+    @staticmethod
+    def _backward_rows(ctx, dy, y, u, cosine_score, h_norm, t_norm, probe, D, C, mask):
+        """One chunk of rows: (∂L/∂h, (its terms of ∂L/∂D, ∂L/∂probe, Σ ∂L/∂score·score or None))."""
         gate = cosine_score.clamp(0.0, 1.0)
         passes = (cosine_score >= 0) & (cosine_score <= 1)  # clamp's gradient mask
         if mask is not None:
@@ -127,9 +156,9 @@ class _FilteredOutput(torch.autograd.Function):
             passes = passes & mask.bool()
         g = gate.unsqueeze(-1)
         if C is not None:
-            v = g * u  # (n, k)
+            v = g * u  # (t, k)
             h = torch.addmm(y, v, D, alpha=-1.0)  # h = y − v·D
-            dv = dy @ D.T  # (n, k)
+            dv = dy @ D.T  # (t, k)
             grad_D = v.T @ dy  # (k, d)
             grad_gate = (dv * u).sum(-1)
             grad_u = g * dv
@@ -141,26 +170,21 @@ class _FilteredOutput(torch.autograd.Function):
             grad_gate = hdy @ D
             grad_u = None
         grad_score = torch.where(passes, grad_gate, torch.zeros_like(grad_gate))
+        t_sum = None
         if ctx.cosine:  # c = s / (|h|·|t|)
             h_scale = h_norm.clamp_min(ctx.eps)
             t_scale = t_norm.clamp_min(ctx.eps)
             a = grad_score / (h_scale * t_scale)  # ∂L/∂s
             h_term = torch.where(h_norm >= ctx.eps, grad_score * cosine_score / h_norm.square(), 0.0)
+            t_sum = (grad_score * cosine_score).sum()
         else:
             a, h_term = grad_score, None
-        w = a.unsqueeze(-1) if grad_u is None else torch.cat([grad_u, a.unsqueeze(-1)], dim=1)  # (n, k+1)
-        probe = task_vector.unsqueeze(-1) if C is None else torch.cat([C, task_vector.unsqueeze(-1)], dim=1)
+        w = a.unsqueeze(-1) if grad_u is None else torch.cat([grad_u, a.unsqueeze(-1)], dim=1)  # (t, k+1)
         base = dy if C is not None else dy * scale
         grad_h = torch.addmm(base, w, probe.T)
         if h_term is not None:
             grad_h = grad_h.addcmul_(h_term.unsqueeze(-1), h, value=-1.0)
-        grad_probe = h.T @ w  # (d, k+1)
-        grad_t = grad_probe[:, -1]
-        if ctx.cosine:  # no host sync: |t| < eps (clamped) passes no gradient through |t|
-            t_term = torch.where(t_norm >= ctx.eps, (grad_score * cosine_score).sum() / t_norm.square(), 0.0)
-            grad_t = grad_t - t_term * task_vector
-        grad_C = grad_probe[:, :-1] if C is not None else None
-        return grad_h.reshape(shape), grad_t, grad_D, grad_C, None, None, None
+        return grad_h, (grad_D, h.T @ w, t_sum)
 
 
 def filtered_output(

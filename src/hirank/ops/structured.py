@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from .chunks import token_chunks
+from .chunks import gather_rows, token_chunks
 
 # ---- helpers ------------------------------------------------------------------------------------
 
@@ -75,8 +75,9 @@ class _CirculantProduct(torch.autograd.Function):
 
     Saves c and, when c needs a gradient, the spectrum rfft(x) (N/2 + 1 complex numbers per row: x's size)
     instead of x, so backward needs two transforms (rfft of the gradient, irfft of the input gradient), not three.
-    On CPU, beyond ``WHOLE_CIRCULANT_ELEMENTS``, both passes run over cache-sized chunks of rows
-    (:func:`chunks.token_chunks`).
+    On CPU, beyond ``chunks.WHOLE_PASS_ELEMENTS``, both passes run over cache-sized chunks of rows
+    (:func:`chunks.token_chunks`): whole passes wrote a spectrum-sized product to fresh memory and reduced c's
+    gradient from a product as large as x.
     """
 
     @staticmethod
@@ -86,12 +87,12 @@ class _CirculantProduct(torch.autograd.Function):
         c_spectrum = torch.fft.rfft(c.to(dtype))
         save, tokens = ctx.needs_input_grad[0], flat.shape[0]
         x_spectrum = product = None
-        for part in _circulant_chunks(flat, size):
+        for part in token_chunks(flat.shape[0], size, x.device, few_steps=True):
             spectrum = torch.fft.rfft(_rows(flat[part], size, dtype))  # (t, N/2+1)
             if save:
-                x_spectrum = _gather(x_spectrum, part, spectrum, tokens)
+                x_spectrum = gather_rows(x_spectrum, part, spectrum, tokens)
             part_product = torch.fft.irfft(spectrum * c_spectrum if save else spectrum.mul_(c_spectrum), n=size)
-            product = _gather(product, part, part_product[:, :out_features], tokens)
+            product = gather_rows(product, part, part_product[:, :out_features], tokens)
         ctx.save_for_backward(c, x_spectrum)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return product.reshape(*x.shape[:-1], out_features).to(x.dtype)
@@ -106,42 +107,16 @@ class _CirculantProduct(torch.autograd.Function):
         c_spectrum = torch.fft.rfft(c.to(dtype))
         grad_c_spectrum = torch.zeros_like(c_spectrum) if need_c else None
         grad_x = None
-        for part in _circulant_chunks(grad_flat, size):
+        for part in token_chunks(grad_flat.shape[0], size, grad_y.device, few_steps=True):
             grad_spectrum = torch.fft.rfft(_rows(grad_flat[part], size, dtype))  # (t, N/2+1), zero-padded to N
             if need_c:  # Circ(c)·x = Circ(x)·c: Σ_t Circ(x_t)ᵀ·grad_t, summed in frequency
                 grad_c_spectrum += _spectral_row_sum(x_spectrum[part], grad_spectrum)
             if need_x:  # Circ(c)ᵀ = the circulant with the conjugate spectrum (in place: last use)
                 grad_rows = torch.fft.irfft(grad_spectrum.mul_(c_spectrum.conj()), n=size)
-                grad_x = _gather(grad_x, part, grad_rows[:, :ctx.x_shape[-1]], grad_flat.shape[0])
+                grad_x = gather_rows(grad_x, part, grad_rows[:, :ctx.x_shape[-1]], grad_flat.shape[0])
         grad_c = torch.fft.irfft(grad_c_spectrum, n=size).to(c.dtype) if need_c else None
         grad_x = None if grad_x is None else grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         return grad_c, grad_x, None
-
-
-#: rows × N up to which a circulant product runs as one pass on CPU (8 MiB of float32): beyond it, whole passes
-#: took 1.1–1.5× as long as passes over cache-sized chunks of rows (their spectrum-sized temporaries, written
-#: out to memory, and the reduction of c's gradient), below it up to 1.2× less (the chunks' copies).
-WHOLE_CIRCULANT_ELEMENTS = 1 << 21
-
-
-def _circulant_chunks(rows: torch.Tensor, size: int) -> list[slice]:
-    """The row chunks of a circulant pass over ``rows`` (T, ·) padded to ``size``: all rows up to
-    ``WHOLE_CIRCULANT_ELEMENTS``, else :func:`chunks.token_chunks`."""
-    if rows.shape[0] * size <= WHOLE_CIRCULANT_ELEMENTS:
-        return [slice(None)]
-    return token_chunks(rows.shape[0], size, rows.device)
-
-
-def _gather(whole: torch.Tensor | None, part: slice, block: torch.Tensor, rows: int) -> torch.Tensor:
-    """The output of a pass over row chunks, rows ``part`` set to ``block``: ``block`` itself when it holds all
-    ``rows`` rows (no copy), else copied into ``whole`` (allocated on first use). Each chunk's temporaries are
-    freed before the next one, so the next chunk reuses their memory while it is still in cache."""
-    if block.shape[0] == rows:
-        return block
-    if whole is None:
-        whole = block.new_empty(rows, *block.shape[1:])
-    whole[part] = block
-    return whole
 
 
 def circulant_matvec(c: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
