@@ -177,7 +177,7 @@ def mlp_table(dims: list[int], token_counts: list[int], rounds: int) -> list[dic
             memory = {name: saved_activation_bytes(lambda m=model: m(x).square().mean(), model) for name, model in models.items()}
             steps = {name: tensor_step(model, x) for name, model in models.items()}
             steps |= {f"{name}, whole passes": whole_passes(tensor_step(model, x))
-                      for name, model in models.items() if name.startswith("surm") and "kronecker" not in name}
+                      for name, model in models.items() if name.startswith("surm")}
             times = interleaved_seconds(steps, rounds, warmup=1)
             lora = statistics.median(times["peft lora r=8"])
             for name in models:

@@ -345,3 +345,38 @@ def test_fast_products_run_in_cache_sized_row_chunks_with_the_whole_products_out
     assert forward.count + backward.count == 3 * structured.transforms_per_row(structure, rank, training=True)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda *inputs: product(*inputs, m), (*generators, x))
+
+
+class _ProductRows(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest number of token rows any matrix product (mm, bmm) works on: mm's rows of X (each token has q of
+    them), bmm's batch (one per token), each divided by ``per_token``."""
+
+    def __init__(self, per_token: dict[str, int]) -> None:
+        super().__init__()
+        self.per_token, self.most = per_token, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.per_token and args[0].shape[0] >= self.per_token[name]:
+            self.most = max(self.most, args[0].shape[0] // self.per_token[name])
+        return func(*args, **(kwargs or {}))
+
+
+def test_kronecker_product_runs_in_cache_sized_row_chunks_with_the_whole_products_outputs_and_exact_gradients(
+        monkeypatch):
+    """Beyond ``chunks.WHOLE_PASS_ELEMENTS`` the Kronecker product runs over chunks of rows on CPU (whole passes
+    wrote every x-sized intermediate to fresh memory: issue 12): no matrix product sees more than one chunk's
+    tokens; outputs equal the whole product's, and the gradients, summed over chunks, pass gradcheck."""
+    (p, q), (s, k), rows = (3, 4), (5, 2), 7
+    b, a = _randn(p, q, seed=70).requires_grad_(), _randn(s, k, seed=71).requires_grad_()
+    x = _randn(rows, q * k, seed=72).requires_grad_()
+    whole = structured.kronecker_matvec(b, a, x)
+    monkeypatch.setattr(chunks, "CPU_CHUNK_ELEMENTS", 2 * q * k)  # chunks of 2 + 2 + 2 + 1 rows
+    monkeypatch.setattr(chunks, "WHOLE_PASS_ELEMENTS", 0)
+    with _ProductRows({"mm": q, "bmm": 1}) as forward:
+        chunked = structured.kronecker_matvec(b, a, x)
+    with _ProductRows({"mm": q, "bmm": 1}) as backward:
+        chunked.square().sum().backward()
+    assert 1 <= forward.most <= 2 and 1 <= backward.most <= 2
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(structured.kronecker_matvec, (b, a, x))

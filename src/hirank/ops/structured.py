@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from .chunks import gather_rows, token_chunks
+from .chunks import gather_rows, sum_over_chunks, token_chunks
 
 # ---- helpers ------------------------------------------------------------------------------------
 
@@ -273,15 +273,22 @@ def toeplitz_dense(t: torch.Tensor, out_features: int, in_features: int) -> torc
 
 
 class _KroneckerProduct(torch.autograd.Function):
-    """(B ⊗ A)·x = vec(B·X·Aᵀ); saves B, A, x and recomputes X·Aᵀ in backward."""
+    """(B ⊗ A)·x = vec(B·X·Aᵀ); saves B, A, x and recomputes X·Aᵀ in backward. On CPU, beyond
+    ``chunks.WHOLE_PASS_ELEMENTS``, both passes run over cache-sized chunks of rows (whole passes wrote each of
+    their x-sized intermediates to fresh memory)."""
 
     @staticmethod
     def forward(ctx: Any, b: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(b, a, x)
         (p, q), (s, k) = b.shape, a.shape
-        right = (x.to(dtype).reshape(-1, k) @ a.to(dtype).T).reshape(-1, q, s)  # X·Aᵀ, one GEMM: (T, q, s)
+        flat = x.reshape(-1, q * k)  # (T, q·k)
+        b_c, a_c = b.to(dtype), a.to(dtype)
+        product = None
+        for part in token_chunks(flat.shape[0], flat.shape[1], x.device, few_steps=True):
+            right = (flat[part].to(dtype).reshape(-1, k) @ a_c.T).reshape(-1, q, s)  # X·Aᵀ, one GEMM: (t, q, s)
+            part_product = torch.bmm(b_c.expand(right.shape[0], p, q), right)  # B·(X·Aᵀ) per row, (t, p, s)
+            product = gather_rows(product, part, part_product.reshape(-1, p * s), flat.shape[0])
         ctx.save_for_backward(b, a, x)
-        product = torch.bmm(b.to(dtype).expand(right.shape[0], p, q), right)  # B·(X·Aᵀ) per row, (T, p, s)
         return product.reshape(*x.shape[:-1], p * s).to(x.dtype)
 
     @staticmethod
@@ -290,19 +297,24 @@ class _KroneckerProduct(torch.autograd.Function):
         b, a, x = ctx.saved_tensors
         dtype = _compute_dtype(b, a, x)
         (p, q), (s, k) = b.shape, a.shape
-        grad = grad_y.to(dtype).reshape(-1, p, s)  # (T, p, s)
-        matrix = x.to(dtype).reshape(-1, k)  # rows of X, (T·q, k)
+        need_b, need_a, need_x = ctx.needs_input_grad
+        b_c, a_c = b.to(dtype), a.to(dtype)
+        flat, grad_flat = x.reshape(-1, q * k), grad_y.reshape(-1, p * s)  # (T, q·k), (T, p·s)
         grad_b = grad_a = grad_x = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_right = torch.bmm(b.to(dtype).T.expand(grad.shape[0], q, p), grad).reshape(-1, s)  # Bᵀ·grad
-            if ctx.needs_input_grad[2]:
-                grad_x = (grad_right @ a.to(dtype)).reshape(x.shape).to(x.dtype)
-            if ctx.needs_input_grad[1]:
-                grad_a = (grad_right.T @ matrix).to(a.dtype)
-        if ctx.needs_input_grad[0]:
-            right = (matrix @ a.to(dtype).T).reshape(-1, q, s)
-            grad_b = torch.bmm(grad, right.transpose(1, 2)).sum(0).to(b.dtype)  # 2× faster than einsum here
-        return grad_b, grad_a, grad_x
+        for part in token_chunks(flat.shape[0], max(flat.shape[1], grad_flat.shape[1]), x.device, few_steps=True):
+            grad = grad_flat[part].to(dtype).reshape(-1, p, s)  # (t, p, s)
+            matrix = flat[part].to(dtype).reshape(-1, k)  # rows of X, (t·q, k)
+            if need_a or need_x:
+                grad_right = torch.bmm(b_c.T.expand(grad.shape[0], q, p), grad).reshape(-1, s)  # Bᵀ·grad
+                if need_x:
+                    grad_x = gather_rows(grad_x, part, (grad_right @ a_c).reshape(-1, q * k), flat.shape[0])
+                if need_a:
+                    grad_a = sum_over_chunks(grad_a, grad_right.T @ matrix)
+            if need_b:
+                right = (matrix @ a_c.T).reshape(-1, q, s)
+                grad_b = sum_over_chunks(grad_b, torch.bmm(grad, right.transpose(1, 2)).sum(0))  # 2× einsum's speed
+        return (None if grad_b is None else grad_b.to(b.dtype), None if grad_a is None else grad_a.to(a.dtype),
+                None if grad_x is None else grad_x.reshape(x.shape).to(x.dtype))
 
 
 def kronecker_matvec(b: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
