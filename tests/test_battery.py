@@ -87,3 +87,17 @@ def test_awkward_size_works_or_raises_clearly(case: MethodCase) -> None:
         return
     if case.mergeable:
         invariants.check_forward_matches_dense_delta(case, AWKWARD_MODEL)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(case: MethodCase) -> None:
+    """A batch of no samples (a data pipeline's empty last batch) runs forward and backward: an empty output and
+    no gradient but 0 (the chunked passes gathered their output from no chunk; the circulant's FFT rejected it)."""
+    tiny = TINY_MODELS["mlp"]
+    model = invariants.make_peft(case, tiny, init_weights=False)
+    x = torch.randn(0, 5, 64, requires_grad=True)
+    out = tiny.output(model, {"x": x})
+    assert out.shape[0] == 0 and out.shape[1:] == tiny.output(model, tiny.inputs()).shape[1:]
+    out.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is None or not g.any() for g in grads)

@@ -27,8 +27,11 @@ WHOLE_PASS_ELEMENTS = 1 << 21
 def token_chunks(tokens: int, width: int, device: torch.device, at_most: int | None = None,
                  few_steps: bool = False) -> list[slice]:
     """Slices of ``tokens`` rows of ``width`` values, in order: one slice of all of them on accelerators and under
-    torch.compile, else ``CPU_CHUNK_ELEMENTS`` worth each (and at most ``at_most`` rows each); for a pass of
-    ``few_steps`` per row, one slice of all of them up to ``WHOLE_PASS_ELEMENTS``."""
+    torch.compile, else ``CPU_CHUNK_ELEMENTS`` worth each (and at most ``at_most`` rows each). A pass of
+    ``few_steps`` per row (whose output :func:`gather_rows` collects) gets one slice of all of them up to
+    ``WHOLE_PASS_ELEMENTS``, and always one slice at least: an empty one when there are no tokens."""
+    if few_steps and tokens == 0:
+        return [slice(0, 0)]
     if device.type != "cpu" or torch.compiler.is_compiling() or (few_steps and tokens * width <= WHOLE_PASS_ELEMENTS):
         size = max(1, tokens)
     else:

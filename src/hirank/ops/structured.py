@@ -121,6 +121,8 @@ class _CirculantProduct(torch.autograd.Function):
 
 def circulant_matvec(c: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
     """Circ(c)[:m, :n] · x.  c: (N,), x: (..., n) with n ≤ N → (..., m) with m = out_features ≤ N."""
+    if x.numel() == 0:  # no rows: torch's MKL FFTs reject an empty batch; an empty product, c's gradient 0
+        return x.new_zeros(*x.shape[:-1], out_features) + 0 * c.sum().to(x.dtype)
     return _CirculantProduct.apply(c, x, out_features)
 
 
