@@ -163,9 +163,9 @@ def dense_delta_forward(layer_cls: type[nn.Module], dropout_attr: str) -> Iterat
 
 
 def round_ratios(seconds: list[float], reference: list[float]) -> str:
-    """``"median (min–max)"`` of the per-round ratios of two interleaved timings, round by round."""
+    """``"median (min–max)"`` of the per-round ratios of two interleaved timings, round by round (``spread_text``)."""
     per_round = [a / b for a, b in zip(seconds, reference)]
-    return f"{statistics.median(per_round):.2f} ({min(per_round):.2f}–{max(per_round):.2f})"
+    return timing.spread_text(statistics.median(per_round), min(per_round), max(per_round))
 
 
 def whole_passes(step: Callable[[], object]) -> Callable[[], object]:

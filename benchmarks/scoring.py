@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import argument_parser, interleaved_seconds, parse_args  # noqa: E402
+from common import argument_parser, interleaved_seconds, parse_args, round_ratios  # noqa: E402
 from hirank.bench.tasks import get_task  # noqa: E402
 from hirank.bench.models import load_model  # noqa: E402
 
@@ -43,7 +43,6 @@ def main() -> None:
             return task.choice_scores(model, batch)
 
     times = interleaved_seconds({"one padded batch": one_batch, "choice_scores": scored}, args.rounds, warmup=1)
-    ratios = [one / mine for one, mine in zip(times["one padded batch"], times["choice_scores"])]
     fed = []  # the input_ids of every forward choice_scores runs
     hook = model.register_forward_pre_hook(lambda _m, _args, kwargs: fed.append(kwargs["input_ids"]), with_kwargs=True)
     difference = (one_batch() - scored()).abs().max().item()
@@ -56,7 +55,7 @@ def main() -> None:
           f"({forwarded} sequences forwarded)")
     for name, seconds in times.items():
         print(f"{name}: {statistics.median(seconds):.2f} s (median of {args.rounds} rounds, thread CPU time)")
-    print(f"speed-up: {statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}); "
+    print(f"speed-up: {round_ratios(times['one padded batch'], times['choice_scores'])}; "
           f"largest score difference {difference:.1e}")
 
 

@@ -48,6 +48,7 @@ from common import (  # noqa: E402
     LinearStack, argument_parser, interleaved_seconds, parse_args, saved_activation_bytes, shared_copy, tensor_step,
 )
 from hirank.analysis import match_budget  # noqa: E402
+from hirank.bench.timing import spread_text  # noqa: E402
 from hirank.budget import (  # noqa: E402
     KNOB_SPACES, BudgetError, adapter_parameters, count_adapter_parameters, format_knobs, knob_space, lora_knobs,
 )
@@ -186,9 +187,9 @@ def ratio_stats(values: list[float]) -> tuple[float, float, float]:
 def fmt(stats: tuple[float, float, float] | None, target: float | None = None) -> str:
     if stats is None:
         return "—"
-    median, low, high = stats
+    median = stats[0]
     verdict = "" if target is None else (" ✓" if median <= target else f" ✗ (≤ {target:g})")
-    return f"{median:.2f} ({low:.2f}–{high:.2f}){verdict}"
+    return spread_text(*stats) + verdict
 
 
 def run_setting(d: int, tokens: int, names: list[str], args: Any, dtype: torch.dtype) -> dict[str, Any]:
