@@ -9,7 +9,8 @@
 4. ``--chunks`` instead: LoRATRF (low-rank T, and diagonal T at LoRA r=8's parameter count) in 4 Linear layers
    with GELU (``common.LinearStack``), forward + backward + AdamW, ÷ peft LoRA r=8, with its filter's passes in
    cache-sized token chunks (CPU, beyond ``hirank.ops.chunks.WHOLE_PASS_ELEMENTS``) and as whole passes
-   (column "whole ÷ this"), medians of interleaved rounds with their spread.
+   (column "whole ÷ this"); for the diagonal T also with backward testing every entry of 1 + g·D for 0, as on
+   GPUs (column "zero test ÷ this"); medians of interleaved rounds with their spread.
 
     .venv/bin/python benchmarks/mtlora_loratrf.py [--threads N] [--rank 8] [--filter-rank 8] [--rounds 5]
     .venv/bin/python benchmarks/mtlora_loratrf.py --chunks --dims 2048 4096 --token-counts 512 4096 --rounds 7
@@ -32,6 +33,7 @@ from common import (  # noqa: E402
     DEVICE, LinearStack, adapted, argument_parser, batch, best_seconds, dense_delta_forward, interleaved_seconds,
     layer_step, minilm_like, parse_args, print_table, round_ratios, tensor_step, train_step, whole_passes,
 )
+from hirank.ops import loratrf  # noqa: E402
 from hirank.tuners.mtlora import MTLoraLayer  # noqa: E402
 
 TARGETS = ["query", "value"]
@@ -114,6 +116,19 @@ def inference_table(seq_len: int, rank: int, filter_rank: int, rounds: int) -> N
     print_table(rows)
 
 
+def zero_tested(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the diagonal filter's backward testing every entry of 1 + g·D for 0 (what it does on GPUs and
+    under torch.compile, where reading whether every D_j > −1 would sync the device)."""
+    def run() -> None:
+        never_zero = loratrf._scale_never_zero
+        loratrf._scale_never_zero = lambda D: False
+        try:
+            step()
+        finally:
+            loratrf._scale_never_zero = never_zero
+    return run
+
+
 def chunk_table(dims: list[int], token_counts: list[int], rounds: int) -> None:
     """LoRATRF's filter in token chunks and as whole passes, in a 4-layer stack, ÷ peft LoRA r=8."""
     rows = []
@@ -133,11 +148,15 @@ def chunk_table(dims: list[int], token_counts: list[int], rounds: int) -> None:
             steps = {name: tensor_step(model, x) for name, model in models.items()}
             steps |= {f"{name}, whole": whole_passes(tensor_step(model, x))
                       for name, model in models.items() if name.startswith("loratrf")}
+            steps |= {f"{name}, zero test": zero_tested(tensor_step(model, x))
+                      for name, model in models.items() if "diagonal" in name}
             times = interleaved_seconds(steps, rounds, warmup=1)
             rows += [{"d": d, "tokens": tokens, "method": name,
                       "step ÷ LoRA": round_ratios(times[name], times["peft lora r=8"]),
                       "whole ÷ LoRA": round_ratios(times[f"{name}, whole"], times["peft lora r=8"]),
-                      "whole ÷ this": round_ratios(times[f"{name}, whole"], times[name])}
+                      "whole ÷ this": round_ratios(times[f"{name}, whole"], times[name]),
+                      "zero test ÷ this": round_ratios(times[f"{name}, zero test"], times[name])
+                      if f"{name}, zero test" in times else "-"}
                      for name in models if name.startswith("loratrf")]
     print(f"4 Linear layers d×d with GELU between on {DEVICE}, forward + backward + AdamW, median (min–max) of "
           f"{rounds} interleaved rounds, {torch.get_num_threads()} thread(s)")

@@ -186,3 +186,22 @@ def test_memory_lean_filter_runs_in_cache_sized_row_chunks_with_the_whole_passes
             lambda *args: loratrf.filtered_output(args[0], args[1], args[-1], args[2] if C is not None else None,
                                                   similarity, *positions), tuple(inputs))
         monkeypatch.undo()
+
+
+def test_diagonal_filter_erasing_a_feature_counts_h_as_zero_there_in_eager_mode_too():
+    """D_j = −1 with a saturated gate makes 1 + g·D_j exactly 0: y holds nothing of h in that feature, and backward
+    counts h as 0 there (eager CPU, where the entry-wise test is skipped only while every D_j > −1): gradients
+    equal autograd's through filter_delta, which kept h."""
+    tensors = _tensors()
+    h, t = tensors["h"].requires_grad_(), (10 * tensors["t"]).requires_grad_()  # dot gate: mostly saturated at 1
+    D = torch.full((WIDTH,), 0.5, dtype=torch.float64)
+    D[1] = -1.0
+    D.requires_grad_()
+    out = loratrf.filtered_output(h, t, D, None, "dot")
+    expected = h + loratrf.filter_delta(h, t, D, None, "dot")
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-13)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (h, t, D), grad)
+    reference = torch.autograd.grad(expected, (h, t, D), grad)
+    assert all(torch.isfinite(g).all() for g in ours)
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-10, atol=1e-10)

@@ -83,7 +83,8 @@ class _FilteredOutput(torch.autograd.Function):
     Everything runs in h's dtype (the caller casts t, C, D to it), so that y is the very tensor the next op saves.
     Diagonal: y / s with the same s recomputed is h to two roundings for any s ≠ 0; s = 1 + g·D_j lies between 1
     and 1 + D_j (g ∈ [0, 1]), so it is never 0 while every D_j > −1. Where it is exactly 0 (a feature with
-    D_j ≤ −1 that the filter erases), y holds nothing of h and backward counts h as 0 there: no host sync decides.
+    D_j ≤ −1 that the filter erases), y holds nothing of h and backward counts h as 0 there: no host sync decides
+    (on CPU in eager mode, where reading a bool costs none, the test of each entry is skipped while every D_j > −1).
     """
 
     @staticmethod
@@ -131,11 +132,13 @@ class _FilteredOutput(torch.autograd.Function):
         y = y.reshape(-1, shape[-1])
         rows = dy.shape[0]
         probe = task_vector.unsqueeze(-1) if C is None else torch.cat([C, task_vector.unsqueeze(-1)], dim=1)
+        scale_never_zero = C is None and _scale_never_zero(D)
         grad_h = grad_D = grad_probe = t_sum = None
         for part in token_chunks(rows, shape[-1], dy.device, few_steps=True):
             part_grad_h, part_grads = _FilteredOutput._backward_rows(
                 ctx, dy[part], y[part], None if u is None else u[part], cosine_score[part],
-                None if h_norm is None else h_norm[part], t_norm, probe, D, C, None if mask is None else mask[part])
+                None if h_norm is None else h_norm[part], t_norm, probe, D, C, None if mask is None else mask[part],
+                scale_never_zero)
             grad_h = gather_rows(grad_h, part, part_grad_h, rows)
             grad_D, grad_probe, t_sum = (sum_over_chunks(total, value) if value is not None else None
                                          for total, value in zip((grad_D, grad_probe, t_sum), part_grads))
@@ -147,7 +150,7 @@ class _FilteredOutput(torch.autograd.Function):
         return (grad_h.reshape(shape), grad_t.to(task_vector.dtype), grad_D.to(D.dtype), grad_C, None, None, None)
 
     @staticmethod
-    def _backward_rows(ctx, dy, y, u, cosine_score, h_norm, t_norm, probe, D, C, mask):
+    def _backward_rows(ctx, dy, y, u, cosine_score, h_norm, t_norm, probe, D, C, mask, scale_never_zero: bool):
         """One chunk of rows: (∂L/∂h, (its terms of ∂L/∂D, ∂L/∂probe, Σ ∂L/∂score·score or None))."""
         gate = cosine_score.clamp(0.0, 1.0)
         passes = (cosine_score >= 0) & (cosine_score <= 1)  # clamp's gradient mask
@@ -164,7 +167,7 @@ class _FilteredOutput(torch.autograd.Function):
             grad_u = g * dv
         else:
             scale = torch.addcmul(torch.ones_like(D), g, D)
-            h = torch.where(scale == 0, 0.0, y / scale)  # see the class docstring
+            h = y / scale if scale_never_zero else torch.where(scale == 0, 0.0, y / scale)  # class docstring
             hdy = h * dy
             grad_D = hdy.T @ gate  # (d,)
             grad_gate = hdy @ D
@@ -185,6 +188,13 @@ class _FilteredOutput(torch.autograd.Function):
         if h_term is not None:
             grad_h = grad_h.addcmul_(h_term.unsqueeze(-1), h, value=-1.0)
         return grad_h, (grad_D, h.T @ w, t_sum)
+
+
+def _scale_never_zero(D: torch.Tensor) -> bool:
+    """Whether every D_j > −1, read where a bool costs no device sync (CPU, eager): then 1 + g·D_j > 0 for every
+    gate g ∈ [0, 1], also in floating point, and backward recovers h = y / (1 + g·D) without testing each entry
+    for 0 (two passes fewer over the layer output)."""
+    return D.device.type == "cpu" and not torch.compiler.is_compiling() and bool((D > -1).all())
 
 
 def filtered_output(
