@@ -17,10 +17,10 @@ import torch
 
 #: elements (tokens × width) of one chunk's widest state on CPU
 CPU_CHUNK_ELEMENTS = 1 << 18
-#: elements up to which a pass of few steps per row (SURM's circulant, LoRATRF's filter) takes all tokens at once
-#: on CPU (8 MiB in float32): below it the chunks' copies into the output cost more than the cache saves (whole
-#: passes 1.1–1.3× faster for the circulant at 512–1,024 × 1,024), beyond it every whole step writes to fresh
-#: memory (whole passes 1.2–1.5× slower from 2,048 × 1,024 on; measured on one thread, side by side)
+#: elements up to which a pass of few steps per row (SURM's circulant and Kronecker, LoRATRF's filter) takes all
+#: tokens at once on CPU (8 MiB in float32): below it the chunks' copies into the output cost more than the cache
+#: saves (whole passes 1.1–1.3× faster for the circulant at 512–1,024 × 1,024), beyond it every whole step writes
+#: to fresh memory (whole passes 1.2–1.5× slower from 2,048 × 1,024 on; measured on one thread, side by side)
 WHOLE_PASS_ELEMENTS = 1 << 21
 
 

@@ -20,7 +20,8 @@ transform x again), Toeplitz x itself (it needs two spectra of x); the backward 
 circulant product with the conjugate spectrum. So the activation memory is LoRA's. Every row of x is
 transformed on its own: no sample ever shares an FFT with another one (a NaN or a huge value stays in its own
 sample). On CPU the Toeplitz and LDR products run over cache-sized chunks of rows (:mod:`.chunks`), so their
-many passes over each row's spectra stay in cache; so does the circulant's beyond a few MiB of rows.
+many passes over each row's spectra stay in cache; so do the circulant and Kronecker products beyond
+``chunks.WHOLE_PASS_ELEMENTS`` (8 MiB of rows in float32).
 
 Fast product or dense S, per layer and step (:func:`fast_product_is_cheaper`, the cost model written out at the
 end of this module): both cost time linear in the tokens; the fast product ≈ (transforms per row) × N·log₂N
