@@ -41,7 +41,7 @@ class QuantaConfig(HirankConfig):
             execution (spec §1.3): each adapted layer keeps W₀ − M(θ₀) as a dense copy beside W₀ (W₀ itself is
             never edited; the copy is not saved and is rebuilt after loading, merging and unmerging) and runs only
             the θ circuit: 4 circuit passes per training step instead of 6, which shortened QuanTA's step by
-            8–17% at d = 1024–4096 (``benchmarks/speed.py``, one CPU thread). Costs one weight-sized buffer per
+            6–17% at d = 1024–4096 (``benchmarks/speed.py``, one CPU thread). Costs one weight-sized buffer per
             adapted layer and adapter, outputs at init equal to the base's only up to the rounding of W₀ − M(θ₀) in W₀'s
             dtype, and, with dropout, the θ₀ term reads x undropped (the authors' y = (W₀ − M(θ₀))x + M(θ)·drop(x)).
             Needs a float ``nn.Linear``/``Conv1D`` weight (not bitsandbytes-quantized); layers whose base runs
