@@ -306,7 +306,7 @@ class _KroneckerProduct(torch.autograd.Function):
         grad_b = grad_a = grad_x = None
         for part in token_chunks(flat.shape[0], max(flat.shape[1], grad_flat.shape[1]), x.device, few_steps=True):
             grad = grad_flat[part].to(dtype).reshape(-1, p, s)  # (t, p, s)
-            matrix = flat[part].to(dtype).reshape(-1, k)  # rows of X, (t·q, k)
+            matrix = flat[part].to(dtype).reshape(-1, k) if need_a or need_b else None  # rows of X, (t·q, k)
             if need_a or need_x:
                 grad_right = torch.bmm(b_c.T.expand(grad.shape[0], q, p), grad).reshape(-1, s)  # Bᵀ·grad
                 if need_x:

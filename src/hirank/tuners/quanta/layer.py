@@ -99,6 +99,9 @@ class QuantaLayer(HirankLayer):
     def unmerge(self) -> None:
         """Subtract the merged ΔW again, then rebuild the folded copies from the restored W₀."""
         super().unmerge()
+        self._fold_all()
+
+    def _fold_all(self) -> None:
         for name in self.quanta_folded_from:
             self._fold(name)
 
@@ -138,7 +141,9 @@ class QuantaLayer(HirankLayer):
 
     def _folded_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """(W₀ − M(θ₀))x + b + M(θ)·drop(x): the θ circuit, or M(θ) built densely where the cost model says so."""
-        if not torch.compiler.is_compiling() and (  # eager: rebuild after an edit of W₀ or θ₀, or a move
+        # eager: rebuild after an edit of W₀ or θ₀, or a move; and where the copy alone changed dtype (peft's
+        # cast_adapter_dtype casts every half-precision adapter buffer, this one too, to float32)
+        if not torch.compiler.is_compiling() and (
                 self.quanta_folded_from[adapter_name] != self._fold_source(adapter_name)
                 or self.quanta_folded[adapter_name].dtype != self.get_base_layer().weight.dtype):
             self._fold(adapter_name)
@@ -158,5 +163,4 @@ class QuantaLayer(HirankLayer):
 
 def _refold_after_load(layer: QuantaLayer, incompatible_keys: Any) -> None:
     """``load_state_dict`` (as ``PeftModel.from_pretrained`` calls it) may bring another θ₀ or W₀: fold again."""
-    for name in layer.quanta_folded_from:
-        layer._fold(name)
+    layer._fold_all()
